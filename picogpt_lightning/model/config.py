@@ -1,0 +1,94 @@
+"""PicoGPTConfig: every size and switch of the model, validated where it is made."""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+MLP_KINDS = ("swiglu", "gelu")
+LINEAR_KINDS = ("linear",)  # BitNet kinds join this list with the quantization package
+
+
+@dataclass
+class PicoGPTConfig:
+    vocab_size: int = 65
+    block_size: int = 256
+    n_layer: int = 6
+    n_embd: int = 384
+    n_head: int = 6
+    n_query_groups: Optional[int] = None  # None: one key/value head per query head (plain MHA)
+    mlp: str = "swiglu"
+    intermediate_size: Optional[int] = None  # None: 4 * n_embd (gelu) or llama's 8/3 * n_embd rounded (swiglu)
+    tie_weights: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    bias: bool = False
+    neftune_noise_alpha: float = 0.0
+    linear: str = "linear"
+
+    def __post_init__(self):
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "n_query_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"PicoGPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"PicoGPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                "pick n_head among the divisors of n_embd"
+            )
+        if self.n_head % self.n_query_groups != 0:
+            raise ValueError(
+                f"PicoGPTConfig.n_head ({self.n_head}) must be divisible by n_query_groups "
+                f"({self.n_query_groups}); pick a divisor of n_head"
+            )
+        if self.head_size % 2 != 0:
+            raise ValueError(
+                f"PicoGPTConfig head size n_embd/n_head = {self.head_size} must be even for rotary "
+                "embeddings; change n_embd or n_head"
+            )
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"PicoGPTConfig.mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
+        if self.linear not in LINEAR_KINDS:
+            raise ValueError(f"PicoGPTConfig.linear must be one of {LINEAR_KINDS}, got {self.linear!r}")
+        if self.intermediate_size is None:
+            self.intermediate_size = default_intermediate_size(self.n_embd, self.mlp)
+        elif not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0:
+            raise ValueError(
+                f"PicoGPTConfig.intermediate_size must be a positive integer, got {self.intermediate_size!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"PicoGPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"PicoGPTConfig.rope_theta must be positive, got {self.rope_theta!r}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"PicoGPTConfig.norm_eps must be positive, got {self.norm_eps!r}")
+        if self.neftune_noise_alpha < 0:
+            raise ValueError(
+                f"PicoGPTConfig.neftune_noise_alpha must be >= 0 (0 turns NEFTune off), "
+                f"got {self.neftune_noise_alpha!r}"
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PicoGPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"PicoGPTConfig got unknown fields {unknown}; known fields are {sorted(known)}")
+        return cls(**values)
+
+
+def default_intermediate_size(n_embd: int, mlp: str) -> int:
+    if mlp == "gelu":
+        return 4 * n_embd
+    # llama: two thirds of 4 * n_embd (SwiGLU has three matrices), rounded up to a multiple of 64
+    hidden = int(2 * 4 * n_embd / 3)
+    return 64 * ((hidden + 63) // 64)
+
