@@ -1,0 +1,140 @@
+"""Command line: LightningCLI for fit/validate/test/predict, plus the project's own commands.
+
+    python -m picogpt_lightning fit --config configs/pretrain_cpu.yaml
+    python -m picogpt_lightning <command> --help
+
+Training subcommands go to LightningCLI. The other commands are plain functions registered
+with `@command`: jsonargparse turns each one's signature and docstring into its flags, so a
+new command is one function here and nothing else.
+"""
+
+import os
+import sys
+from typing import Callable, Dict, List, Optional
+
+LIGHTNING_SUBCOMMANDS = {
+    "fit": "train a model (python -m picogpt_lightning fit --config configs/pretrain_cpu.yaml)",
+    "validate": "run one evaluation over the validation set",
+    "test": "run one evaluation over the test set",
+    "predict": "run inference over the predict set",
+}
+COMMANDS: Dict[str, Callable] = {}
+
+
+def command(function: Callable) -> Callable:
+    """Registers a function as `python -m picogpt_lightning <name>`; its docstring is its help."""
+    COMMANDS[function.__name__] = function
+    return function
+
+
+# ---- training: LightningCLI -------------------------------------------------------------
+
+
+def _lightning_cli_class():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI
+
+    class PicoGPTCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults(
+                {
+                    "checkpoint.monitor": "val/loss",
+                    "checkpoint.mode": "min",
+                    "checkpoint.filename": "best",
+                    "checkpoint.save_top_k": 1,
+                    "checkpoint.save_last": True,
+                    "checkpoint.auto_insert_metric_name": False,
+                }
+            )
+            # the tokenizer decides the vocabulary: the model takes its size from the data
+            parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size", apply_on="instantiate")
+
+    return PicoGPTCLI
+
+
+def run_lightning(args: List[str]) -> None:
+    from lightning import LightningDataModule
+
+    from picogpt_lightning.modules import PicoGPTModule
+
+    _lightning_cli_class()(
+        PicoGPTModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=1337,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "runs", "name": "picogpt"},
+            }
+        },
+        args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given its own argv
+    )
+
+
+# ---- the project's own commands ---------------------------------------------------------
+
+
+def run_command(name: str, args: List[str]) -> None:
+    from jsonargparse import CLI
+
+    CLI(COMMANDS[name], args=args, prog=f"python -m picogpt_lightning {name}", as_positional=False)
+
+
+def print_help() -> None:
+    print("usage: python -m picogpt_lightning <command> [options]\n")
+    print("commands:")
+    for name, summary in LIGHTNING_SUBCOMMANDS.items():
+        print(f"  {name:<10} {summary}")
+    for name, function in COMMANDS.items():
+        summary = (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else ""
+        print(f"  {name:<10} {summary}")
+    print("\n'python -m picogpt_lightning <command> --help' lists a command's options.")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print_help()
+        return
+    name, rest = argv[0], argv[1:]
+    try:
+        if name in COMMANDS:
+            run_command(name, rest)
+        elif name in LIGHTNING_SUBCOMMANDS:
+            run_lightning([name] + rest)
+        else:
+            print_help()
+            sys.exit(f"error: unknown command {name!r}")
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is None or os.environ.get("PICOGPT_DEBUG"):
+            raise
+        sys.exit(f"error: {user_error}")
+
+
+def find_user_error(error: BaseException) -> Optional[BaseException]:
+    """The error this project's own input checks raised, if that is what went wrong.
+
+    Such errors are one line that names the problem and its fix; jsonargparse and
+    Lightning may wrap them, so the chain of causes is searched.
+    """
+    from picogpt_lightning.data.source import DataSourceError
+
+    while error is not None:
+        if isinstance(error, DataSourceError):
+            return error
+        if isinstance(error, (ValueError, FileNotFoundError)) and raised_in_this_project(error):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def raised_in_this_project(error: BaseException) -> bool:
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("picogpt_lightning")

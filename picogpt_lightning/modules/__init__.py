@@ -1,0 +1,6 @@
+"""LightningModules: thin recipes on one shared base."""
+
+from picogpt_lightning.modules.base import PicoGPTModule
+from picogpt_lightning.modules.lm import LanguageModelModule
+
+__all__ = ["PicoGPTModule", "LanguageModelModule"]

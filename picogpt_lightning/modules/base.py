@@ -1,0 +1,162 @@
+"""What every training recipe here shares: optimizer, schedule, logging, checkpoint contents.
+
+Subclasses build `self.model` (the PicoGPT being trained) and implement `compute_losses`;
+the loop, the optimizer and what goes into a checkpoint live here once.
+"""
+
+import inspect
+import math
+from typing import Dict, Optional, Tuple
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.text import Perplexity
+
+from picogpt_lightning.model import PicoGPTConfig
+from picogpt_lightning.model.gpt import CONFIG_KEY
+
+TOKENIZER_KEY = "picogpt_tokenizer"
+IGNORE_INDEX = -100
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over real tokens; labels are already shifted, -100 marks pads."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup, then cosine from 1 down to min_ratio, then flat."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if step >= decay_steps:
+        return min_ratio
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
+
+
+class PicoGPTModule(L.LightningModule):
+    """Base LightningModule: subclasses set `self.model` and define `compute_losses`."""
+
+    def __init__(
+        self,
+        config: PicoGPTConfig,
+        learning_rate: float = 1e-3,
+        min_lr: float = 1e-4,
+        warmup_steps: int = 100,
+        lr_decay_steps: Optional[int] = None,
+        weight_decay: float = 0.1,
+        betas: Tuple[float, float] = (0.9, 0.95),
+    ):
+        super().__init__()
+        if learning_rate <= 0 or min_lr < 0 or min_lr > learning_rate:
+            raise ValueError(
+                f"need 0 <= min_lr <= learning_rate and learning_rate > 0, got learning_rate={learning_rate}, "
+                f"min_lr={min_lr}"
+            )
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0 <= weight_decay:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.config = config
+        self.learning_rate = learning_rate
+        self.min_lr = min_lr
+        self.warmup_steps = warmup_steps
+        self.lr_decay_steps = lr_decay_steps
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.tokenizer = None  # taken from the datamodule in setup(), stored in checkpoints
+        self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
+
+    # ---- what subclasses define -------------------------------------------------------
+
+    def compute_losses(self, batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """Returns ({"loss": total, other named parts...}, the trained model's logits)."""
+        raise NotImplementedError
+
+    # ---- the loop ---------------------------------------------------------------------
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return self.model(input_ids, attention_mask=attention_mask, **kwargs)
+
+    def training_step(self, batch, batch_idx):
+        losses, _ = self.compute_losses(batch)
+        self._log_losses("train", losses, batch, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return losses["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch, stage: str) -> None:
+        losses, logits = self.compute_losses(batch)
+        self._log_losses(stage, losses, batch, prog_bar=True, on_step=False, on_epoch=True)
+        self.val_perplexity.update(logits.float(), batch["labels"])
+        self.log(f"{stage}/ppl", self.val_perplexity, on_step=False, on_epoch=True, sync_dist=True)
+
+    def _log_losses(self, stage, losses, batch, **log_options) -> None:
+        # weight each batch by its real tokens so epoch means are per-token means
+        tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+        for name, value in losses.items():
+            self.log(
+                f"{stage}/{name}", value.detach(), batch_size=tokens, sync_dist=stage != "train", **log_options
+            )
+
+    # ---- setup, optimizer, schedule ---------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is None:
+            return
+        if tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                f"{self.config.vocab_size}; set model config vocab_size >= {tokenizer.vocab_size}"
+            )
+        self.tokenizer = tokenizer
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if not param.requires_grad:
+                continue  # frozen teachers and reference models are not optimized
+            # matrices (linear, embedding) decay; gains and biases do not (nanoGPT's rule)
+            (decay if param.dim() >= 2 else no_decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": self.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, **fused_option(decay))
+        decay_steps = self.lr_decay_steps or self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step, self.warmup_steps, int(decay_steps), self.min_lr / self.learning_rate),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- checkpoints ------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # config and tokenizer travel inside the .ckpt so PicoGPT.from_checkpoint needs nothing else
+        checkpoint[CONFIG_KEY] = self.config.to_dict()
+        if self.tokenizer is not None:
+            checkpoint[TOKENIZER_KEY] = self.tokenizer.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if TOKENIZER_KEY in checkpoint and self.tokenizer is None:
+            from picogpt_lightning.data.tokenizer import Tokenizer
+
+            self.tokenizer = Tokenizer.from_dict(checkpoint[TOKENIZER_KEY])
+
+
+def fused_option(params) -> dict:
+    """fused=True where torch has a fused AdamW kernel for these parameters' device."""
+    if "fused" not in inspect.signature(torch.optim.AdamW).parameters or not params:
+        return {}
+    device_type = params[0].device.type
+    return {"fused": True} if device_type in ("cuda", "cpu") else {}
+
