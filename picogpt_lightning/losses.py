@@ -1,0 +1,117 @@
+"""Losses for distillation, as pure functions of tensors (no modules, no Lightning).
+
+Shapes: logits are (B, T, vocab), hidden states (B, T, width), masks (B, T) with 1 on the
+real tokens. Every reduction is in float32, whatever the model's precision: softmax and KL
+of half-precision logits lose the small probabilities that distillation is about.
+"""
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+LayerMap = Union[Dict[int, int], Sequence[Tuple[int, int]]]
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+    top_k: Optional[int] = None,
+) -> torch.Tensor:
+    """Hinton's distillation loss: T^2 * KL(teacher || student) of softmax(logits / T), per real token.
+
+    KL(p || q) = sum_v p_v (log p_v - log q_v) is taken at every position, then averaged over
+    the positions where `mask` is 1 (all positions when `mask` is None). The T^2 factor keeps
+    the gradient's size independent of T, so the weight of this loss need not change with T.
+
+    top_k: compare only the teacher's k most likely tokens at each position, both
+    distributions renormalised over those k. That is the same as setting every other logit to
+    -inf; gathering the k logits computes it without the 0 * -inf a masked vocabulary would hit.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "differ; distillation needs the same batch, length and vocabulary"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    student, teacher = student_logits.float(), teacher_logits.float()
+    if top_k is not None:
+        if not 0 < top_k <= teacher.shape[-1]:
+            raise ValueError(f"top_k must be in [1, vocab size {teacher.shape[-1]}], got {top_k}")
+        top = teacher.topk(top_k, dim=-1).indices
+        student, teacher = student.gather(-1, top), teacher.gather(-1, top)
+
+    teacher_log_probs = F.log_softmax(teacher / temperature, dim=-1)
+    student_log_probs = F.log_softmax(student / temperature, dim=-1)
+    per_position = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(dim=-1)
+    return masked_mean(per_position, mask) * temperature**2
+
+
+def default_layer_map(student_layers: int, teacher_layers: int) -> List[Tuple[int, int]]:
+    """Student block i -> teacher block k * i, when the teacher is k times deeper.
+
+    Indices are those of `hidden_states` (0 = embeddings, i = output of block i), so the
+    student's last block meets the teacher's last block, both after the final norm.
+    """
+    if teacher_layers % student_layers != 0:
+        raise ValueError(
+            f"the teacher's {teacher_layers} layers are not a multiple of the student's {student_layers}; "
+            "pass layer_map explicitly, e.g. {student_layer: teacher_layer, ...}"
+        )
+    k = teacher_layers // student_layers
+    return [(i, k * i) for i in range(1, student_layers + 1)]
+
+
+def hidden_cosine_loss(
+    student_hidden: Sequence[torch.Tensor],
+    teacher_hidden: Sequence[torch.Tensor],
+    layer_map: Optional[LayerMap] = None,
+    mask: Optional[torch.Tensor] = None,
+    projection: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Mean of 1 - cos(student state, teacher state) over mapped layers and real tokens.
+
+    This is cosine_embedding_loss with target 1 (DistilBERT's hidden-state loss): it aligns
+    directions only, so the two models' scales may differ. `student_hidden` and
+    `teacher_hidden` are `hidden_states` tuples (embeddings first). `layer_map` pairs
+    (student index, teacher index); None takes `default_layer_map`. `projection` (one
+    learned linear map, as TinyBERT's) takes student states to the teacher's width when
+    the widths differ.
+    """
+    if layer_map is None:
+        layer_map = default_layer_map(len(student_hidden) - 1, len(teacher_hidden) - 1)
+    pairs = list(layer_map.items()) if isinstance(layer_map, dict) else [tuple(pair) for pair in layer_map]
+    if not pairs:
+        raise ValueError("layer_map is empty; map at least one student layer to a teacher layer")
+    losses = []
+    for student_index, teacher_index in pairs:
+        if not (0 <= student_index < len(student_hidden) and 0 <= teacher_index < len(teacher_hidden)):
+            raise ValueError(
+                f"layer_map pair ({student_index}, {teacher_index}) is out of range: the student has hidden "
+                f"states 0..{len(student_hidden) - 1}, the teacher 0..{len(teacher_hidden) - 1}"
+            )
+        student = student_hidden[student_index]
+        if projection is not None:
+            student = projection(student)
+        teacher = teacher_hidden[teacher_index]
+        if student.shape != teacher.shape:
+            raise ValueError(
+                f"student hidden state {tuple(student.shape)} and teacher hidden state {tuple(teacher.shape)} "
+                "differ; pass a projection from the student's width to the teacher's"
+            )
+        cosine = F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+        losses.append(masked_mean(1.0 - cosine, mask))
+    return torch.stack(losses).mean()
+
+
+def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of the (B, T) `values` where `mask` is nonzero; a batch of no real tokens gives 0, not NaN."""
+    if mask is None:
+        return values.mean()
+    if mask.shape != values.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(values.shape)} (batch, length)")
+    keep = mask.bool()
+    return values[keep].sum() / keep.sum().clamp(min=1)
