@@ -3,11 +3,12 @@
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from picogpt_lightning.model import generation
 from picogpt_lightning.model.config import PicoGPTConfig
 from picogpt_lightning.model.layers import Block, KVCache, RotaryEmbedding, build_attention_mask
 
@@ -103,6 +104,39 @@ class PicoGPT(nn.Module):
             logits=self.lm_head(x),
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             past_key_values=tuple(presents) if use_cache else None,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        repetition_penalty: float = 1.0,
+        num_beams: int = 1,
+        num_return_sequences: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: Union[bool, str] = False,
+        eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+        pad_token_id: Optional[int] = None,
+        use_cache: bool = True,
+        streamer=None,
+    ) -> torch.LongTensor:
+        """Greedy, sampling or beam-search decoding with transformers' arguments and semantics.
+
+        Returns (batch * num_return_sequences, prompt + generated) token ids; see
+        `picogpt_lightning.model.generation` for the rules.
+        """
+        return generation.generate(
+            self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+            num_beams=num_beams, num_return_sequences=num_return_sequences, length_penalty=length_penalty,
+            early_stopping=early_stopping, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            use_cache=use_cache, streamer=streamer,
         )
 
     def _neftune(self, embeddings: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:

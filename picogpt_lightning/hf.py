@@ -1,0 +1,168 @@
+"""PicoGPT <-> transformers' LlamaForCausalLM, weight for weight.
+
+The two models compute the same function: llama's decoder is exactly PicoGPT with
+mlp="swiglu". The only layout difference is attention's fused projection: PicoGPT
+keeps q, k and v in one matrix whose rows are [n_head * hs | groups * hs | groups * hs],
+llama keeps three matrices. Everything else is a rename.
+"""
+
+from typing import Dict, Optional
+
+import torch
+
+from picogpt_lightning.model import PicoGPT, PicoGPTConfig
+
+# PicoGPT name in a block -> llama name in a decoder layer (same shapes)
+BLOCK_RENAMES = {
+    "attn.proj": "self_attn.o_proj",
+    "mlp.gate_proj": "mlp.gate_proj",
+    "mlp.up_proj": "mlp.up_proj",
+    "mlp.down_proj": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "mlp_norm": "post_attention_layernorm",
+}
+
+
+def llama_config(config: PicoGPTConfig, bos_token_id=None, eos_token_id=None, pad_token_id=None):
+    """The LlamaConfig of the same architecture; refuses what llama cannot express."""
+    from transformers import LlamaConfig
+
+    if config.mlp != "swiglu":
+        raise ValueError(
+            f"mlp={config.mlp!r} has no Llama equivalent (llama's MLP is SwiGLU); "
+            "only models trained with mlp='swiglu' can be exported"
+        )
+    if config.linear != "linear":
+        raise ValueError(f"linear={config.linear!r} has no Llama equivalent; export a model with linear='linear'")
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.n_embd,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_query_groups,
+        head_dim=config.head_size,
+        hidden_act="silu",
+        max_position_embeddings=config.block_size,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
+        tie_word_embeddings=config.tie_weights,
+        attention_bias=config.bias,
+        mlp_bias=config.bias,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
+def picogpt_config(llama_config) -> PicoGPTConfig:
+    """The PicoGPTConfig of a LlamaConfig; refuses llama variants PicoGPT does not implement."""
+    rope = getattr(llama_config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_type={rope.get('rope_type')!r} is not supported; PicoGPT implements plain RoPE only")
+    if llama_config.hidden_act != "silu":
+        raise ValueError(f"hidden_act={llama_config.hidden_act!r} is not supported; PicoGPT's SwiGLU uses silu")
+    head_dim = getattr(llama_config, "head_dim", None) or llama_config.hidden_size // llama_config.num_attention_heads
+    if head_dim * llama_config.num_attention_heads != llama_config.hidden_size:
+        raise ValueError("head_dim * num_attention_heads must equal hidden_size for PicoGPT")
+    if llama_config.attention_bias != llama_config.mlp_bias:
+        raise ValueError("attention_bias and mlp_bias must agree: PicoGPT has one bias switch")
+    return PicoGPTConfig(
+        vocab_size=llama_config.vocab_size,
+        block_size=llama_config.max_position_embeddings,
+        n_layer=llama_config.num_hidden_layers,
+        n_embd=llama_config.hidden_size,
+        n_head=llama_config.num_attention_heads,
+        n_query_groups=llama_config.num_key_value_heads,
+        mlp="swiglu",
+        intermediate_size=llama_config.intermediate_size,
+        tie_weights=bool(llama_config.tie_word_embeddings),
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        norm_eps=llama_config.rms_norm_eps,
+        bias=bool(llama_config.attention_bias),
+    )
+
+
+def to_hf(model: PicoGPT, bos_token_id=None, eos_token_id=None, pad_token_id=None):
+    """A transformers.LlamaForCausalLM computing the same logits as `model` (in eval mode)."""
+    from transformers import LlamaForCausalLM
+
+    config = model.config
+    llama = LlamaForCausalLM(llama_config(config, bos_token_id, eos_token_id, pad_token_id))
+    llama.to(next(model.parameters()).dtype)
+    missing, unexpected = llama.load_state_dict(llama_state_dict(model), strict=False)
+    # a tied lm_head is the embedding itself: nothing separate to load
+    if unexpected or set(missing) - ({"lm_head.weight"} if config.tie_weights else set()):
+        raise RuntimeError(f"weight mapping is incomplete: missing {missing}, unexpected {unexpected}")
+    llama.generation_config.update(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    return llama.eval()
+
+
+def from_hf(llama) -> PicoGPT:
+    """A PicoGPT computing the same logits as a transformers LlamaForCausalLM."""
+    config = picogpt_config(llama.config)
+    model = PicoGPT(config).to(llama.dtype)
+    model.load_state_dict(picogpt_state_dict(llama.state_dict(), config))
+    return model.eval()
+
+
+def llama_state_dict(model: PicoGPT) -> Dict[str, torch.Tensor]:
+    config = model.config
+    source = model.state_dict()
+    q_width = config.n_head * config.head_size
+    kv_width = config.n_query_groups * config.head_size
+    target = {
+        "model.embed_tokens.weight": source["tok_embeddings.weight"],
+        "model.norm.weight": source["norm.weight"],
+    }
+    if not config.tie_weights:
+        target["lm_head.weight"] = source["lm_head.weight"]
+    for i in range(config.n_layer):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        for suffix in ("weight", "bias"):
+            fused = source.get(f"{ours}attn.qkv.{suffix}")
+            if fused is None:
+                continue
+            q, k, v = fused.split((q_width, kv_width, kv_width), dim=0)
+            target[f"{theirs}self_attn.q_proj.{suffix}"] = q
+            target[f"{theirs}self_attn.k_proj.{suffix}"] = k
+            target[f"{theirs}self_attn.v_proj.{suffix}"] = v
+        for our_name, their_name in BLOCK_RENAMES.items():
+            for suffix in ("weight", "bias"):
+                if f"{ours}{our_name}.{suffix}" in source:
+                    target[f"{theirs}{their_name}.{suffix}"] = source[f"{ours}{our_name}.{suffix}"]
+    return {name: tensor.detach().clone() for name, tensor in target.items()}
+
+
+def picogpt_state_dict(source: Dict[str, torch.Tensor], config: PicoGPTConfig) -> Dict[str, torch.Tensor]:
+    target = {
+        "tok_embeddings.weight": source["model.embed_tokens.weight"],
+        "norm.weight": source["model.norm.weight"],
+        # tied: the same tensor; untied: llama's own head
+        "lm_head.weight": source.get("lm_head.weight", source["model.embed_tokens.weight"]),
+    }
+    for i in range(config.n_layer):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        for suffix in ("weight", "bias"):
+            parts = [source.get(f"{theirs}self_attn.{name}_proj.{suffix}") for name in "qkv"]
+            if all(part is not None for part in parts):
+                target[f"{ours}attn.qkv.{suffix}"] = torch.cat(parts, dim=0)
+        for our_name, their_name in BLOCK_RENAMES.items():
+            for suffix in ("weight", "bias"):
+                if f"{theirs}{their_name}.{suffix}" in source:
+                    target[f"{ours}{our_name}.{suffix}"] = source[f"{theirs}{their_name}.{suffix}"]
+    return {name: tensor.detach().clone() for name, tensor in target.items()}
+
+
+def save_pretrained(model: PicoGPT, directory: str, tokenizer: Optional[object] = None) -> None:
+    """Writes a directory that AutoModelForCausalLM and AutoTokenizer.from_pretrained load offline."""
+    ids = {}
+    if tokenizer is not None:
+        ids = dict(
+            bos_token_id=getattr(tokenizer, "bos_token_id", None),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    to_hf(model, **ids).save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save(directory)

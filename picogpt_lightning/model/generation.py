@@ -1,0 +1,372 @@
+"""Decoding: greedy, sampling and beam search over PicoGPT's KV cache.
+
+Arguments, defaults and results follow transformers' `generate`, so the two can be
+compared token for token (the tests do, against LlamaForCausalLM on exported weights):
+
+- the result is (batch * num_return_sequences, prompt + generated) and holds the prompt;
+- a sequence that has produced an eos token continues with pad tokens, and decoding
+  stops early once every sequence has finished;
+- left-padded prompts carry an attention_mask (1 = real token); without one, a given
+  pad_token_id found in the prompt marks padding (unless it is also an eos token);
+- logits are processed in transformers' order: repetition penalty, then (sampling only)
+  temperature, top-k, top-p. `top_k=None` here means no top-k (transformers' own default is 50).
+
+Beam search keeps the beams as a batch dimension: every step scores all beams of all
+prompts in one forward pass and reorders the cache with one index_select.
+Pure torch: nothing here imports Lightning or transformers.
+"""
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+# transformers' "impossible" beam score: finite, so sums and orderings stay well defined
+IMPOSSIBLE = -1.0e9
+
+
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    repetition_penalty: float = 1.0,
+    num_beams: int = 1,
+    num_return_sequences: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: Union[bool, str] = False,
+    eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+    pad_token_id: Optional[int] = None,
+    use_cache: bool = True,
+    streamer=None,
+) -> torch.LongTensor:
+    """Continues each prompt by up to max_new_tokens tokens; see the module docstring for the rules.
+
+    `streamer` (greedy and sampling only) is anything with transformers' streamer interface:
+    `put(token_ids)` is called with the prompt, then with each step's new tokens, and `end()` last.
+    """
+    eos = normalize_eos(eos_token_id)
+    validate_arguments(
+        model.config, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+        repetition_penalty, num_beams, num_return_sequences, early_stopping, eos, pad_token_id, streamer,
+    )
+    if pad_token_id is None and eos:
+        pad_token_id = eos[0]  # finished sequences are filled with eos, as transformers does
+    if attention_mask is None:
+        attention_mask = padding_mask_from_pad_token(input_ids, pad_token_id, eos)
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: the model's unmasked path is faster and identical
+    processor = LogitsProcessor(
+        do_sample, temperature, top_k, top_p, repetition_penalty,
+        # beam sampling keeps room for a non-eos continuation, as transformers does
+        min_tokens_to_keep=1 + max(1, len(eos)) if num_beams > 1 else 1,
+    )
+    scorer = NextTokenScorer(model, use_cache)
+    common = dict(scorer=scorer, processor=processor, max_new_tokens=max_new_tokens, eos=eos, pad_token_id=pad_token_id)
+    if num_beams == 1:
+        if num_return_sequences > 1:  # independent samples of each prompt
+            input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+            if attention_mask is not None:
+                attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
+        return greedy_or_sample(input_ids, attention_mask, do_sample=do_sample, streamer=streamer, **common)
+    return beam_search(
+        input_ids, attention_mask, num_beams=num_beams, num_return_sequences=num_return_sequences,
+        length_penalty=length_penalty, early_stopping=early_stopping, do_sample=do_sample, **common,
+    )
+
+
+# ---- inputs -----------------------------------------------------------------------------
+
+
+def normalize_eos(eos_token_id) -> List[int]:
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    return [int(token) for token in eos_token_id]
+
+
+def validate_arguments(
+    config, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+    repetition_penalty, num_beams, num_return_sequences, early_stopping, eos, pad_token_id, streamer,
+) -> None:
+    """One-line ValueErrors naming the argument; sampling arguments are checked only when sampling."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError("input_ids must be a 2-D integer tensor (batch, prompt length)")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must hold at least one token per prompt, got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
+        )
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    total = input_ids.shape[1] + max_new_tokens
+    if total > config.block_size:
+        raise ValueError(
+            f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
+            f"model's block_size {config.block_size}; shorten the prompt or lower max_new_tokens"
+        )
+    if do_sample:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r} (use do_sample=False for greedy)")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k must be a non-negative integer (0 or None: no top-k), got {top_k!r}")
+        if top_p is not None and not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1.0: no penalty), got {repetition_penalty!r}")
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
+    if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
+    if num_beams == 1 and not do_sample and num_return_sequences > 1:
+        raise ValueError("greedy decoding returns one sequence per prompt; use do_sample=True or num_beams > 1")
+    if num_beams > 1 and num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})")
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    for name, tokens in (("eos_token_id", eos), ("pad_token_id", [] if pad_token_id is None else [pad_token_id])):
+        for token in tokens:
+            if not 0 <= token < config.vocab_size:
+                raise ValueError(f"{name} {token} is outside the vocabulary [0, {config.vocab_size})")
+    if streamer is not None and num_beams > 1:
+        raise ValueError("a streamer shows one token per step and cannot follow beam search; use num_beams=1")
+
+
+def padding_mask_from_pad_token(input_ids, pad_token_id, eos) -> Optional[torch.Tensor]:
+    """transformers' inference: pad tokens in the prompt are padding, unless pad is also an eos token."""
+    if pad_token_id is None or pad_token_id in eos or not bool((input_ids == pad_token_id).any()):
+        return None
+    return (input_ids != pad_token_id).long()
+
+
+# ---- scoring the next token ---------------------------------------------------------------
+
+
+class NextTokenScorer:
+    """Logits of the next token of growing sequences, via the KV cache or by recomputing everything.
+
+    With the cache, each call feeds only the tokens the cache has not seen yet.
+    """
+
+    def __init__(self, model, use_cache: bool):
+        self.model = model
+        self.use_cache = use_cache
+        self.cache = None
+
+    def __call__(self, sequences: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if not self.use_cache:
+            return self.model(sequences, attention_mask=attention_mask).logits[:, -1].float()
+        seen = self.cache[0][0].shape[2] if self.cache else 0
+        output = self.model(
+            sequences[:, seen:], attention_mask=attention_mask, past_key_values=self.cache, use_cache=True
+        )
+        self.cache = output.past_key_values
+        return output.logits[:, -1].float()
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keeps cache row rows[i] as row i (beam search following its surviving beams)."""
+        if self.cache:
+            self.cache = tuple((keys[rows], values[rows]) for keys, values in self.cache)
+
+
+class LogitsProcessor:
+    """transformers' processing of next-token scores, in its order; each step is a formula below."""
+
+    def __init__(self, do_sample, temperature, top_k, top_p, repetition_penalty, min_tokens_to_keep=1):
+        self.repetition_penalty = repetition_penalty
+        self.temperature = temperature if do_sample else 1.0
+        self.top_k = top_k if do_sample else None
+        self.top_p = top_p if do_sample else None
+        self.min_tokens_to_keep = min_tokens_to_keep
+
+    def __call__(self, scores, sequences, counted_positions=None):
+        if self.repetition_penalty != 1.0:
+            scores = apply_repetition_penalty(scores, sequences, self.repetition_penalty, counted_positions)
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        if self.top_k:
+            scores = top_k_filter(scores, self.top_k, self.min_tokens_to_keep)
+        if self.top_p is not None and self.top_p < 1.0:
+            scores = top_p_filter(scores, self.top_p, self.min_tokens_to_keep)
+        return scores
+
+
+def apply_repetition_penalty(scores, sequences, penalty, counted_positions=None):
+    """Each token already in the sequence: score / penalty if the score is positive, score * penalty if negative.
+
+    `counted_positions` (1 = counts) leaves prompt padding out of "already in the sequence".
+    """
+    vocab_size = scores.shape[-1]
+    tokens = sequences if counted_positions is None else sequences.masked_fill(counted_positions == 0, vocab_size)
+    seen = torch.zeros(scores.shape[0], vocab_size + 1, dtype=torch.bool, device=scores.device)
+    seen.scatter_(1, tokens, True)  # column vocab_size collects the uncounted positions
+    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen[:, :vocab_size], penalized, scores)
+
+
+def top_k_filter(scores, top_k, min_tokens_to_keep=1):
+    """Keeps the k highest scores (ties with the k-th included), the rest become -inf."""
+    k = min(max(top_k, min_tokens_to_keep), scores.shape[-1])
+    kth_best = torch.topk(scores, k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth_best, float("-inf"))
+
+
+def top_p_filter(scores, top_p, min_tokens_to_keep=1):
+    """Keeps the smallest set of most likely tokens whose probabilities sum to at least top_p."""
+    sorted_scores, order = torch.sort(scores, descending=False)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    # dropped: the unlikely tail whose total mass is at most 1 - top_p
+    drop_sorted = cumulative <= (1 - top_p)
+    drop_sorted[..., -min_tokens_to_keep:] = False
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def extend_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The mask after one more (real) token."""
+    if attention_mask is None:
+        return None
+    return torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), dim=1)
+
+
+# ---- greedy and sampling ------------------------------------------------------------------
+
+
+def greedy_or_sample(
+    input_ids, attention_mask, scorer, processor, max_new_tokens, eos, pad_token_id, do_sample, streamer
+):
+    """One token per step: the most likely one, or a draw from the processed distribution."""
+    sequences = input_ids
+    eos_tokens = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    for _ in range(max_new_tokens):
+        scores = processor(scorer(sequences, attention_mask), sequences, attention_mask)
+        if do_sample:
+            next_tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            next_tokens = scores.argmax(dim=-1)
+        if eos:
+            next_tokens = torch.where(unfinished, next_tokens, pad_token_id)  # finished: pad
+        sequences = torch.cat((sequences, next_tokens[:, None]), dim=1)
+        attention_mask = extend_mask(attention_mask)
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        if eos:
+            unfinished &= ~torch.isin(next_tokens, eos_tokens)
+            if not bool(unfinished.any()):
+                break
+    if streamer is not None:
+        streamer.end()
+    return sequences
+
+
+# ---- beam search --------------------------------------------------------------------------
+
+
+def beam_search(
+    input_ids, attention_mask, scorer, processor, max_new_tokens, eos, pad_token_id,
+    num_beams, num_return_sequences, length_penalty, early_stopping, do_sample,
+):
+    """transformers' beam search, all prompts and beams as one batch of batch * num_beams rows.
+
+    Each step extends every running beam by every token, keeps the 2 * num_beams best
+    candidates (more with several eos tokens, so num_beams of them can still run on),
+    moves candidates that end (eos or the length limit) into a per-prompt list of the
+    num_beams best finished hypotheses, scored log p / generated_length ** length_penalty,
+    and continues the num_beams best unfinished ones. A prompt is done when no running
+    beam can beat its worst finished hypothesis (early_stopping=False: judged at the
+    current length; "never": at the best reachable length), or, with early_stopping=True,
+    as soon as it has num_beams finished hypotheses.
+    """
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    max_length = prompt_len + max_new_tokens
+    n_candidates = max(2, 1 + len(eos)) * num_beams
+    eos_tokens = torch.tensor(eos, device=device, dtype=torch.long)
+    fill = pad_token_id if eos else -1  # without eos every hypothesis reaches max_length: nothing to fill
+
+    running = torch.full((batch, num_beams, max_length), fill, dtype=torch.long, device=device)
+    running[:, :, :prompt_len] = input_ids[:, None, :]
+    # all beams start as copies of the prompt: only the first may extend it, or they would all pick the same tokens
+    running_scores = torch.zeros(batch, num_beams, device=device)
+    running_scores[:, 1:] = IMPOSSIBLE
+    finished = running.clone()
+    finished_scores = torch.full((batch, num_beams), IMPOSSIBLE, device=device)
+    is_finished = torch.zeros(batch, num_beams, dtype=torch.bool, device=device)
+    finished_lengths = torch.zeros(batch, num_beams, dtype=torch.long, device=device)
+    can_improve = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    top_candidates = torch.arange(n_candidates, device=device) < num_beams  # only these may finish
+    row_offsets = torch.arange(batch, device=device)[:, None] * num_beams
+
+    beam_mask = None if attention_mask is None else attention_mask.repeat_interleave(num_beams, dim=0)
+    for cur_len in range(prompt_len, max_length):
+        rows = running[:, :, :cur_len].reshape(batch * num_beams, cur_len)
+        if cur_len == prompt_len and scorer.use_cache:
+            # all beams hold the same prompt: run it once per prompt and copy its cache to the beams
+            logits = scorer(input_ids, attention_mask).repeat_interleave(num_beams, dim=0)
+            scorer.select_rows(torch.arange(batch, device=device).repeat_interleave(num_beams))
+        else:
+            logits = scorer(rows, beam_mask)
+        log_probs = processor(F.log_softmax(logits, dim=-1), rows, beam_mask)
+        vocab_size = log_probs.shape[-1]
+        totals = (log_probs.view(batch, num_beams, vocab_size) + running_scores[:, :, None]).view(batch, -1)
+
+        # candidates: the n_candidates best (or sampled) extensions over all beams of a prompt, best first
+        if do_sample:
+            picked = torch.multinomial(F.softmax(totals, dim=-1), num_samples=n_candidates)
+            candidate_scores, order = totals.gather(1, picked).sort(dim=-1, descending=True)
+            picked = picked.gather(1, order)
+        else:
+            candidate_scores, picked = torch.topk(totals, n_candidates, dim=-1)
+        source_beam, token = picked // vocab_size, picked % vocab_size
+        candidates = running.gather(1, source_beam[:, :, None].expand(-1, -1, max_length)).clone()
+        candidates[:, :, cur_len] = token
+        ends = torch.isin(token, eos_tokens) | (cur_len + 1 >= max_length)
+
+        # running beams: the best candidates that did not end
+        alive_scores = candidate_scores + ends.float() * IMPOSSIBLE
+        keep = torch.topk(alive_scores, num_beams, dim=-1).indices
+        running = candidates.gather(1, keep[:, :, None].expand(-1, -1, max_length))
+        running_scores = alive_scores.gather(1, keep)
+        scorer.select_rows((source_beam.gather(1, keep) + row_offsets).view(-1))
+
+        # finished hypotheses: merge the candidates that ended among the top num_beams into the best list
+        generated = cur_len + 1 - prompt_len
+        final_scores = candidate_scores / (generated**length_penalty)
+        list_is_full = is_finished.all(dim=-1, keepdim=True) & (early_stopping is True)
+        final_scores = final_scores + list_is_full.float() * IMPOSSIBLE
+        final_scores = final_scores + (~can_improve).float() * IMPOSSIBLE
+        just_finished = ends & top_candidates[None, :]
+        final_scores = final_scores + (~just_finished).float() * IMPOSSIBLE
+        best = torch.topk(torch.cat((finished_scores, final_scores), dim=1), num_beams, dim=-1).indices
+        finished = torch.cat((finished, candidates), dim=1).gather(1, best[:, :, None].expand(-1, -1, max_length))
+        finished_scores = torch.cat((finished_scores, final_scores), dim=1).gather(1, best)
+        is_finished = torch.cat((is_finished, just_finished), dim=1).gather(1, best)
+        lengths = torch.full_like(just_finished, generated, dtype=torch.long)
+        finished_lengths = torch.cat((finished_lengths, lengths), dim=1).gather(1, best)
+
+        # can the best running beam still beat the worst finished hypothesis?
+        if early_stopping == "never" and length_penalty > 0.0:
+            best_reachable_length = max_new_tokens
+        else:
+            best_reachable_length = generated
+        best_running = running_scores[:, :1] / (best_reachable_length**length_penalty)
+        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, IMPOSSIBLE)
+        can_improve = can_improve & (best_running > worst_finished).any(dim=-1, keepdim=True)
+        all_lists_full = bool(is_finished.all()) and early_stopping is True
+        if not bool(can_improve.any()) or all_lists_full or bool(ends.all()):
+            break
+        beam_mask = extend_mask(beam_mask)
+
+    # the lists are sorted best first: the first num_return_sequences of each prompt
+    sequences = finished[:, :num_return_sequences].reshape(batch * num_return_sequences, max_length)
+    longest = int(finished_lengths[:, :num_return_sequences].max())
+    return sequences[:, : prompt_len + longest]
