@@ -10,11 +10,12 @@ from typing import Dict, Optional, Tuple
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
 from picogpt_lightning.model import PicoGPTConfig
-from picogpt_lightning.model.gpt import CONFIG_KEY
+from picogpt_lightning.model.gpt import COMPILE_PREFIX, CONFIG_KEY
 
 TOKENIZER_KEY = "picogpt_tokenizer"
 IGNORE_INDEX = -100
@@ -23,6 +24,32 @@ IGNORE_INDEX = -100
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over real tokens; labels are already shifted, -100 marks pads."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def flops_per_token(config: PicoGPTConfig, seq_len: int, training: bool = True) -> int:
+    """Matmul FLOPs one token costs in a sequence of seq_len tokens (PaLM's appendix B, nanoGPT's MFU).
+
+    Forward: 2 FLOPs per weight of every matmul (attention projections, MLP, lm_head; the
+    embedding lookup is no matmul, a tied lm_head is) plus 4 * n_layer * n_embd * seq_len for
+    QK^T and attention-times-V. Backward costs twice the forward, so training is 3x.
+    """
+    head_dims = config.n_head * config.head_size
+    attention = config.n_embd * (config.n_head + 2 * config.n_query_groups) * config.head_size
+    attention += head_dims * config.n_embd
+    mlp = (3 if config.mlp == "swiglu" else 2) * config.n_embd * config.intermediate_size
+    matmul_weights = config.n_layer * (attention + mlp) + config.n_embd * config.vocab_size
+    forward = 2 * matmul_weights + 4 * config.n_layer * head_dims * seq_len
+    return 3 * forward if training else forward
+
+
+# what Lightning's ThroughputMonitor counts: batch_size_fn and length_fn (configs name them by import path)
+def sequences_in_batch(batch: Dict[str, torch.Tensor]) -> int:
+    return batch["input_ids"].shape[0]
+
+
+def positions_in_batch(batch: Dict[str, torch.Tensor]) -> int:
+    """Token positions computed, pads included: counting real tokens would sync the GPU every step."""
+    return batch["input_ids"].numel()
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -47,6 +74,7 @@ class PicoGPTModule(L.LightningModule):
         lr_decay_steps: Optional[int] = None,
         weight_decay: float = 0.1,
         betas: Tuple[float, float] = (0.9, 0.95),
+        compile: bool = False,
     ):
         super().__init__()
         if learning_rate <= 0 or min_lr < 0 or min_lr > learning_rate:
@@ -65,6 +93,7 @@ class PicoGPTModule(L.LightningModule):
         self.lr_decay_steps = lr_decay_steps
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
+        self.compile_model = compile  # `self.compile` would hide nn.Module.compile
         self.tokenizer = None  # taken from the datamodule in setup(), stored in checkpoints
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
 
@@ -85,6 +114,17 @@ class PicoGPTModule(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return losses["loss"]
 
+    # Lightning's ThroughputMonitor reads `flops_per_batch` after each batch to report MFU
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self.flops_per_batch = self._batch_flops(batch, training=True)
+
+    def on_validation_batch_start(self, batch, batch_idx, dataloader_idx=0) -> None:
+        self.flops_per_batch = self._batch_flops(batch, training=False)
+
+    def _batch_flops(self, batch, training: bool) -> int:
+        batch_size, seq_len = batch["input_ids"].shape  # padded positions cost compute too
+        return batch_size * seq_len * flops_per_token(self.config, seq_len, training)
+
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val")
 
@@ -98,8 +138,9 @@ class PicoGPTModule(L.LightningModule):
         self.log(f"{stage}/ppl", self.val_perplexity, on_step=False, on_epoch=True, sync_dist=True)
 
     def _log_losses(self, stage, losses, batch, **log_options) -> None:
-        # weight each batch by its real tokens so epoch means are per-token means
-        tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+        # weight each batch by its real tokens so epoch means are per-token means; per-step values
+        # need no weight, and counting there would stall the GPU once every training step
+        tokens = int((batch["labels"] != IGNORE_INDEX).sum()) if log_options.get("on_epoch") else None
         for name, value in losses.items():
             self.log(
                 f"{stage}/{name}", value.detach(), batch_size=tokens, sync_dist=stage != "train", **log_options
@@ -119,18 +160,27 @@ class PicoGPTModule(L.LightningModule):
             )
         self.tokenizer = tokenizer
 
+    def configure_model(self) -> None:
+        if self.compile_model:
+            # Module.compile compiles __call__ in place: `self.model` stays a PicoGPT and its
+            # state-dict keys get no `_orig_mod.` prefix, so checkpoints load without compile
+            self.model.compile()
+
     def configure_optimizers(self):
+        matrices = matrix_parameter_ids(self)
         decay, no_decay = [], []
         for param in self.parameters():
             if not param.requires_grad:
                 continue  # frozen teachers and reference models are not optimized
             # matrices (linear, embedding) decay; gains and biases do not (nanoGPT's rule)
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            (decay if id(param) in matrices else no_decay).append(param)
         groups = [
             {"params": decay, "weight_decay": self.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, **fused_option(decay))
+        trainer = self._trainer
+        fused = fused_option(decay + no_decay) if fused_adamw_can_clip(trainer) else {}
+        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, **fused)
         decay_steps = self.lr_decay_steps or self.trainer.estimated_stepping_batches
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -147,16 +197,50 @@ class PicoGPTModule(L.LightningModule):
             checkpoint[TOKENIZER_KEY] = self.tokenizer.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "state_dict" in checkpoint:  # resuming from a run that wrapped the model in torch.compile
+            checkpoint["state_dict"] = {
+                key.replace(COMPILE_PREFIX, ""): value for key, value in checkpoint["state_dict"].items()
+            }
         if TOKENIZER_KEY in checkpoint and self.tokenizer is None:
             from picogpt_lightning.data.tokenizer import Tokenizer
 
             self.tokenizer = Tokenizer.from_dict(checkpoint[TOKENIZER_KEY])
 
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu")
+
+
 def fused_option(params) -> dict:
-    """fused=True where torch has a fused AdamW kernel for these parameters' device."""
+    """fused=True where torch has a fused AdamW kernel for every one of these parameters.
+
+    The kernel needs floating-point tensors on one supported device type. Sharded parameters
+    qualify too: FSDP's flat views are plain tensors and a DTensor reports its local device.
+    """
     if "fused" not in inspect.signature(torch.optim.AdamW).parameters or not params:
         return {}
-    device_type = params[0].device.type
-    return {"fused": True} if device_type in ("cuda", "cpu") else {}
+    device_types = {param.device.type for param in params}
+    supported = len(device_types) == 1 and device_types <= set(FUSED_ADAMW_DEVICES)
+    return {"fused": True} if supported and all(param.is_floating_point() for param in params) else {}
+
+
+def fused_adamw_can_clip(trainer: Optional["L.Trainer"]) -> bool:
+    """False where Lightning clips gradients under mixed precision, which a fused AdamW cannot join.
+
+    A fused step unscales fp16 gradients inside itself, after Lightning's clipping: Lightning's
+    mixed-precision plugin refuses that pairing outright (for bf16 too), and FSDP's would clip
+    gradients that are still scaled. There AdamW runs its foreach kernel, nearly as fast.
+    """
+    if trainer is None or not trainer.gradient_clip_val:
+        return True
+    plugin = trainer.precision_plugin
+    return not isinstance(plugin, MixedPrecision) and getattr(plugin, "scaler", None) is None
+
+
+def matrix_parameter_ids(module: torch.nn.Module) -> set:
+    """ids of the weights of linear and embedding layers: the parameters that get weight decay.
+
+    Chosen by layer type, not by `param.dim() >= 2`, because FSDP flattens each shard to 1-D.
+    """
+    layers = (torch.nn.Linear, torch.nn.Embedding)
+    return {id(layer.weight) for layer in module.modules() if isinstance(layer, layers)}
 
