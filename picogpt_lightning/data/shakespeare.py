@@ -1,0 +1,278 @@
+"""Tiny Shakespeare as a LightningDataModule: nanoGPT's random windows, or one sample per speech.
+
+Everything here is a plain map-style dataset with an ordinary sampler, so Lightning can shard it
+across DDP ranks by itself (``use_distributed_sampler``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from picogpt_lightning.data.collate import PadCollator
+from picogpt_lightning.data.source import find_corpus
+from picogpt_lightning.data.tokenizer import Tokenizer, build_tokenizer
+
+MODES = ("blocks", "speeches")
+MAX_VAL_WINDOWS = 2000
+SPEECH_BREAK = re.compile(r"\n\n+")  # the corpus separates speaker turns with blank lines
+
+
+def split_point(text: str, val_fraction: float) -> int:
+    """Index of the first validation character: the first (1 - val_fraction) of the text trains, like nanoGPT."""
+    return int(len(text) * (1 - val_fraction))
+
+
+def speech_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each speaker turn; a turn keeps its trailing blank line, so the spans tile the text."""
+    starts = [0] + [match.end() for match in SPEECH_BREAK.finditer(text)]
+    starts = [start for start in starts if start < len(text)]
+    return list(zip(starts, starts[1:] + [len(text)]))
+
+
+class TokenWindows(Dataset):
+    """nanoGPT's batches as a dataset: windows of block_size + 1 tokens at random offsets.
+
+    The offsets are drawn once from ``generator``, so an epoch is a fixed set of windows that the
+    sampler orders, and every DDP rank agrees on them.
+    """
+
+    def __init__(self, tokens: torch.Tensor, block_size: int, num_samples: int, generator: torch.Generator):
+        if len(tokens) < block_size + 1:
+            raise ValueError(
+                f"a split of {len(tokens)} tokens cannot hold one window of block_size + 1 = {block_size + 1}; "
+                "lower block_size or use a longer corpus"
+            )
+        self.tokens = tokens
+        self.block_size = block_size
+        self.offsets = torch.randint(len(tokens) - block_size, (num_samples,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        offset = int(self.offsets[index])
+        # clone: a view would ship the whole token stream to the main process when workers return it
+        return self.tokens[offset : offset + self.block_size + 1].clone()
+
+    @property
+    def lengths(self) -> list[int]:
+        return [self.block_size + 1] * len(self)
+
+
+class TokenSequences(Dataset):
+    """Variable-length samples, one tensor of token ids each."""
+
+    def __init__(self, sequences: Sequence[torch.Tensor]):
+        self.sequences = list(sequences)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.sequences[index]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(sequence) for sequence in self.sequences]
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Random order in which neighbouring samples have similar lengths, so batches carry little padding.
+
+    Shuffles all indices, cuts them into megabatches of ``megabatch_size * batch_size`` and sorts each
+    megabatch by length (longest first), the idea behind transformers' ``group_by_length``. The order
+    depends only on ``seed`` and the epoch set by ``set_epoch`` (Lightning calls it, also through its
+    DDP wrapper), so every rank computes the same order and takes its own share of it.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, megabatch_size: int = 50):
+        if batch_size < 1 or megabatch_size < 1:
+            raise ValueError(f"batch_size and megabatch_size must be positive, got {batch_size} and {megabatch_size}")
+        self.lengths = list(lengths)
+        self.group_size = megabatch_size * batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        for start in range(0, len(order), self.group_size):
+            group = order[start : start + self.group_size]
+            yield from sorted(group, key=lambda index: self.lengths[index], reverse=True)
+
+
+class TinyShakespeareDataModule(L.LightningDataModule):
+    """Tiny Shakespeare for language modelling, with a char, BPE or Hugging Face tokenizer.
+
+    ``mode="blocks"``: windows of ``block_size + 1`` tokens at random offsets, exactly nanoGPT's data.
+    ``mode="speeches"``: one sample per speaker turn, truncated to ``block_size + 1`` tokens and padded
+    per batch. The first ``1 - val_fraction`` of the characters train; in speeches mode a turn that
+    crosses that point trains whole, so no speech is cut in two.
+    """
+
+    def __init__(
+        self,
+        data_path: str | None = None,
+        tokenizer: str = "char",
+        vocab_size: int | None = None,
+        block_size: int = 256,
+        batch_size: int = 64,
+        mode: str = "blocks",
+        train_samples: int | None = None,
+        val_samples: int | None = None,
+        group_by_length: bool = False,
+        num_workers: int = 0,
+        seed: int = 1337,
+        val_fraction: float = 0.1,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(tokenizer, str) or not tokenizer:
+            raise ValueError(f"tokenizer must be 'char', 'bpe' or a Hugging Face path/id, got {tokenizer!r}")
+        if tokenizer == "bpe" and vocab_size is None:
+            raise ValueError("tokenizer='bpe' needs vocab_size (e.g. vocab_size=512) to train to")
+        if tokenizer != "bpe" and vocab_size is not None:
+            raise ValueError(f"vocab_size applies only to tokenizer='bpe'; the {tokenizer!r} vocabulary is fixed")
+        for name, value in [("block_size", block_size), ("batch_size", batch_size)]:
+            _require_positive_int(name, value)
+        for name, value in [("train_samples", train_samples), ("val_samples", val_samples)]:
+            if value is not None:
+                _require_positive_int(name, value)
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
+        self.save_hyperparameters()
+
+        self._text: str | None = None
+        self._tokenizer: Tokenizer | None = None
+        self.train_dataset: TokenWindows | TokenSequences | None = None
+        self.val_dataset: TokenWindows | TokenSequences | None = None
+
+    @property
+    def text(self) -> str:
+        """The whole corpus, read on first use."""
+        if self._text is None:
+            path = find_corpus(self.hparams.data_path, cache_dir=self.hparams.cache_dir)
+            try:
+                self._text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"corpus {path} is not UTF-8 text ({err.reason}); convert it to UTF-8") from err
+            if len(self._text) < 2:
+                raise ValueError(f"corpus {path} holds {len(self._text)} characters; point at a real text file")
+        return self._text
+
+    @property
+    def split_index(self) -> int:
+        return split_point(self.text, self.hparams.val_fraction)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """Built on first use, so LightningCLI can read ``vocab_size`` right after ``__init__``."""
+        if self._tokenizer is None:
+            kind = self.hparams.tokenizer
+            if kind == "char":  # every symbol of the corpus, 65 for tiny_shakespeare, like nanoGPT
+                self._tokenizer = build_tokenizer("char", text=self.text)
+            elif kind == "bpe":  # merges learnt on training text only
+                train_text = self.text[: self.split_index]
+                self._tokenizer = build_tokenizer("bpe", text=train_text, vocab_size=self.hparams.vocab_size)
+            else:
+                self._tokenizer = build_tokenizer(kind)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.tokenizer.pad_token_id
+
+    def prepare_data(self) -> None:
+        find_corpus(self.hparams.data_path, cache_dir=self.hparams.cache_dir)  # download once, on one process
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self._build_dataset("train")
+        if stage in (None, "fit", "validate", "test") and self.val_dataset is None:
+            self.val_dataset = self._build_dataset("val")
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._require_dataset(self.train_dataset, "train")
+        if self.hparams.group_by_length:
+            sampler = LengthGroupedSampler(dataset.lengths, self.hparams.batch_size, seed=self.hparams.seed)
+            return self._loader(dataset, sampler=sampler)
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return self._loader(dataset, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._require_dataset(self.val_dataset, "val"), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()  # tiny_shakespeare has no separate test split
+
+    def _build_dataset(self, split: str) -> TokenWindows | TokenSequences:
+        if self.hparams.mode == "blocks":
+            return self._windows(split)
+        return self._speeches(split)
+
+    def _windows(self, split: str) -> TokenWindows:
+        cut = self.split_index
+        text = self.text[:cut] if split == "train" else self.text[cut:]
+        tokens = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
+        block_size = self.hparams.block_size
+        if split == "train":
+            num_samples = self.hparams.train_samples or max(1, len(tokens) // block_size)
+            seed = self.hparams.seed
+        else:
+            num_samples = self.hparams.val_samples or min(MAX_VAL_WINDOWS, max(1, len(tokens) - block_size))
+            seed = self.hparams.seed + 1  # its own stream, so building val alone gives the same windows
+        return TokenWindows(tokens, block_size, num_samples, torch.Generator().manual_seed(seed))
+
+    def _speeches(self, split: str) -> TokenSequences:
+        cut = self.split_index
+        spans = speech_spans(self.text)
+        # A turn belongs to the split its first character is in.
+        spans = [s for s in spans if s[0] < cut] if split == "train" else [s for s in spans if s[0] >= cut]
+        encoded = self.tokenizer.encode_batch([self.text[start:end] for start, end in spans])
+        limit = self.hparams.block_size + 1
+        sequences = [torch.tensor(ids[:limit], dtype=torch.long) for ids in encoded if len(ids) >= 2]
+        dataset = TokenSequences(sequences)
+        if len(dataset) == 0:
+            raise ValueError(f"the {split} split has no speech of 2 or more tokens; check the corpus and val_fraction")
+        return dataset
+
+    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            collate_fn=PadCollator(pad_token_id=self.pad_token_id),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            **kwargs,
+        )
+
+    @staticmethod
+    def _require_dataset(dataset, split: str):
+        if dataset is None:
+            raise RuntimeError(f"the {split} dataset is not built yet; call setup() first (the Trainer does it)")
+        return dataset
+
+
+def _require_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -1,0 +1,197 @@
+"""One tokenizer interface over three kinds: characters, a trained byte-level BPE, any HF tokenizer.
+
+Every kind is backed by a transformers ``PreTrainedTokenizerFast``, so handing a model to the
+Hugging Face ecosystem needs nothing more than ``Tokenizer.save``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as BackendTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+EOS_TOKEN = "<|endoftext|>"
+MIN_BPE_VOCAB_SIZE = 256 + 1  # every byte, plus EOS_TOKEN
+CHECKPOINT_KEY = "picogpt_tokenizer"  # where LightningModules store to_dict() in a checkpoint
+_KIND_KEY = "picogpt_kind"  # saved in tokenizer_config.json so load() knows the kind again
+
+
+class Tokenizer:
+    """Text <-> token ids, whatever the kind; ``hf`` is the underlying transformers tokenizer."""
+
+    def __init__(self, kind: str, hf: PreTrainedTokenizerFast):
+        self.kind = kind
+        self.hf = hf
+        # encode() calls the Rust backend directly; like transformers does on each call that asks for
+        # neither, turn off any truncation or padding a tokenizer.json may carry.
+        hf.backend_tokenizer.no_truncation()
+        hf.backend_tokenizer.no_padding()
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)  # len() counts added special tokens, which the model must embed too
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.hf.pad_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, with no special tokens added."""
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` for many texts at once (the backend encodes them in parallel)."""
+        try:
+            # Plain ids need none of transformers' bookkeeping, which would double the time on a corpus.
+            encodings = self.hf.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        except Exception as err:  # the Rust backend rejects unknown symbols without naming them
+            raise self._encoding_error(texts, err) from err
+        return [encoding.ids for encoding in encodings]
+
+    def decode(self, ids: list[int] | torch.Tensor) -> str:
+        """Text of ``ids`` with every token kept, so decode(encode(text)) == text for char and bpe."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1:
+                raise ValueError(f"decode takes 1-D ids, got a tensor of shape {tuple(ids.shape)}; decode row by row")
+            ids = ids.tolist()
+        return self.hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def to_dict(self) -> dict:
+        """A JSON-able description that ``from_dict`` turns back into an identical tokenizer."""
+        return {
+            "kind": self.kind,
+            "tokenizer_json": self.hf.backend_tokenizer.to_str(),
+            "special_tokens": dict(self.hf.special_tokens_map),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Tokenizer:
+        if not isinstance(d, dict):
+            raise ValueError(f"Tokenizer.from_dict takes the dict made by to_dict(), got {type(d).__name__}")
+        missing = [key for key in ("kind", "tokenizer_json", "special_tokens") if key not in d]
+        if missing:
+            raise ValueError(f"tokenizer dict lacks {missing}; pass a dict made by Tokenizer.to_dict()")
+        return cls(d["kind"], _wrap(BackendTokenizer.from_str(d["tokenizer_json"]), **d["special_tokens"]))
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write Hugging Face files, so ``AutoTokenizer.from_pretrained(directory)`` loads them too."""
+        self.hf.init_kwargs[_KIND_KEY] = self.kind
+        self.hf.save_pretrained(str(directory))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Tokenizer:
+        if not Path(directory).is_dir():
+            raise FileNotFoundError(f"tokenizer directory {directory} does not exist; pass one written by save()")
+        hf = _load_pretrained(str(directory))
+        return cls(hf.init_kwargs.get(_KIND_KEY, str(directory)), hf)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike) -> Tokenizer:
+        """The tokenizer a picogpt_lightning module stored in its checkpoint."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt file")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ValueError(f"cannot read checkpoint {path} ({_first_line(err)}); is it a torch checkpoint?") from err
+        if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+            raise ValueError(
+                f"checkpoint {path} has no {CHECKPOINT_KEY!r} entry; it was not saved by a picogpt_lightning "
+                "module, so build the tokenizer explicitly"
+            )
+        return cls.from_dict(checkpoint[CHECKPOINT_KEY])
+
+    def _encoding_error(self, texts: list[str], err: Exception) -> ValueError:
+        vocab = self.hf.get_vocab()
+        unknown = sorted({char for text in texts for char in text} - vocab.keys())
+        if unknown and all(len(token) == 1 for token in vocab):  # a character vocabulary
+            return ValueError(
+                f"character(s) {', '.join(map(repr, unknown[:5]))} not in the {self.kind!r} tokenizer's "
+                f"{len(vocab)}-symbol vocabulary; build the char tokenizer from text that contains them"
+            )
+        return ValueError(f"the {self.kind!r} tokenizer cannot encode this text: {_first_line(err)}")
+
+
+def build_tokenizer(kind: str, text: str | None = None, vocab_size: int | None = None) -> Tokenizer:
+    """'char' (vocabulary = the characters of ``text``), 'bpe' (trained on ``text``), or an HF path/hub id."""
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"tokenizer kind must be 'char', 'bpe' or a Hugging Face path/id, got {kind!r}")
+    if kind != "bpe" and vocab_size is not None:
+        raise ValueError(f"vocab_size applies only to the 'bpe' tokenizer, the {kind!r} vocabulary is fixed; drop it")
+    if kind == "char":
+        return _build_char(_require_text(text, kind))
+    if kind == "bpe":
+        return _train_bpe(_require_text(text, kind), vocab_size)
+    return Tokenizer(kind, _load_pretrained(kind))  # text is not needed: the vocabulary comes with it
+
+
+def _build_char(text: str) -> Tokenizer:
+    # Sorted symbols give nanoGPT's ids (its stoi), so results compare one to one.
+    vocab = {char: i for i, char in enumerate(sorted(set(text)))}
+    backend = BackendTokenizer(models.WordLevel(vocab, unk_token=None))
+    # Every character is its own pre-token, spaces and newlines included, and decoding just concatenates.
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return Tokenizer("char", _wrap(backend))
+
+
+def _train_bpe(text: str, vocab_size: int | None) -> Tokenizer:
+    if vocab_size is None or vocab_size < MIN_BPE_VOCAB_SIZE:
+        raise ValueError(
+            f"the 'bpe' tokenizer needs vocab_size >= {MIN_BPE_VOCAB_SIZE} (256 bytes + {EOS_TOKEN}), "
+            f"got {vocab_size}; pass e.g. vocab_size=512"
+        )
+    # Byte-level (GPT-2 style): every string is encodable and decoding restores it exactly.
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([text], trainer=trainer)
+    return Tokenizer("bpe", _wrap(backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN))
+
+
+def _load_pretrained(name: str) -> PreTrainedTokenizerFast:
+    try:
+        hf = AutoTokenizer.from_pretrained(name)
+    except Exception as err:
+        raise ValueError(
+            f"cannot load tokenizer {name!r} ({_first_line(err)}); use 'char', 'bpe', a local tokenizer "
+            "directory, or a Hugging Face hub id while online"
+        ) from err
+    if not hasattr(hf, "backend_tokenizer"):
+        raise ValueError(f"tokenizer {name!r} has no fast (Rust) version; pick a tokenizer with a tokenizer.json")
+    if hf.pad_token is None and hf.eos_token is not None:
+        hf.pad_token = hf.eos_token  # batches need a pad id; padded positions are masked out anyway
+    return hf
+
+
+def _wrap(backend: BackendTokenizer, **special_tokens) -> PreTrainedTokenizerFast:
+    # No cleanup: it would rewrite " ," as "," and break exact round trips.
+    return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **special_tokens)
+
+
+def _require_text(text: str | None, kind: str) -> str:
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"the {kind!r} tokenizer is built from text; pass a non-empty text=...")
+    return text
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
