@@ -1,0 +1,248 @@
+"""Knowledge distillation: a student PicoGPT learns from the labels and from a frozen teacher.
+
+    loss = alpha_ce * CE(student, labels)
+         + alpha_kd * T^2 KL(softmax(teacher / T) || softmax(student / T))    (Hinton et al., 2015)
+         + alpha_cos * (1 - cos(student hidden states, teacher hidden states)) (DistilBERT)
+
+Defaults: T = 2, alpha_ce = 0.5, alpha_kd = 0.5, alpha_cos = 0.
+- T = 2 is DistilBERT's temperature: it flattens the teacher's distribution enough to show
+  which wrong tokens are nearly right (the "dark knowledge" in the tail) without washing out
+  the top choices. The T^2 in kd_loss keeps the KD gradient's size the same at any T, so the
+  weights below do not have to be retuned when T changes.
+- Equal weights on CE and KD: DistilBERT weighted KD:MLM:COS as 5:2:1, i.e. mostly teacher,
+  but its teacher was far stronger than anything a few minutes of training yields. Here the
+  teacher is itself a small model, so the labels keep half the say; on the CPU recipe this
+  split gave a lower student val loss than KD alone (see BENCHMARKS.md).
+- The cosine loss is off by default: it needs a layer map between the two depths and a
+  learned projection between widths, and it constrains a small student's layers to copy a
+  teacher it cannot match; turn it on with alpha_cos > 0 (an explicit layer_map if the
+  teacher's depth is not a multiple of the student's).
+
+The teacher is a checkpoint of this project (a .ckpt or PicoGPT.save file) or any
+transformers AutoModelForCausalLM (local directory or hub id). Either way the data must be
+tokenized with the teacher's tokenizer: point the data module's `tokenizer` at the same path.
+The teacher never trains: its parameters are frozen, it runs in eval mode under no_grad, the
+optimizer never sees it, and checkpoints leave it out unless `save_teacher=True`.
+"""
+
+import importlib.util
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from picogpt_lightning.losses import default_layer_map, hidden_cosine_loss, kd_loss
+from picogpt_lightning.model import PicoGPT, PicoGPTConfig
+from picogpt_lightning.modules.base import IGNORE_INDEX, PicoGPTModule, next_token_loss
+
+TEACHER_PREFIX = "teacher."
+QUANTIZATIONS = ("4bit",)
+
+
+class DistillationModule(PicoGPTModule):
+    """Trains `self.model` (the student) on labels plus a frozen teacher's outputs.
+
+    Args:
+        config: the student's PicoGPTConfig (vocab_size is linked from the data).
+        teacher: a .ckpt of this project, or a transformers model directory / hub id.
+        temperature: softmax temperature T of the KD loss.
+        alpha_ce, alpha_kd, alpha_cos: weights of the label, KD and hidden-state losses.
+        kd_top_k: compare the distributions on the teacher's top-k tokens only (None: all).
+        layer_map: {student hidden-state index: teacher index}; None maps student block i
+            to teacher block k * i when the teacher is k times deeper. Used when alpha_cos > 0.
+        teacher_quantization: "4bit" loads a transformers teacher in NF4 (bitsandbytes, CUDA).
+        save_teacher: keep the teacher's weights in this module's checkpoints.
+        **kwargs: optimizer and schedule arguments of PicoGPTModule.
+    """
+
+    def __init__(
+        self,
+        config: PicoGPTConfig,
+        teacher: str,
+        temperature: float = 2.0,
+        alpha_ce: float = 0.5,
+        alpha_kd: float = 0.5,
+        alpha_cos: float = 0.0,
+        kd_top_k: Optional[int] = None,
+        layer_map: Optional[Dict[int, int]] = None,
+        teacher_quantization: Optional[str] = None,
+        save_teacher: bool = False,
+        **kwargs,
+    ):
+        super().__init__(config, **kwargs)
+        self.save_hyperparameters()
+        check_weights(temperature, alpha_ce, alpha_kd, alpha_cos)
+        if kd_top_k is not None and kd_top_k < 1:
+            raise ValueError(f"kd_top_k must be a positive number of tokens or None (all), got {kd_top_k}")
+        self.temperature = temperature
+        self.alpha_ce, self.alpha_kd, self.alpha_cos = alpha_ce, alpha_kd, alpha_cos
+        self.kd_top_k = kd_top_k
+        self.save_teacher = save_teacher
+        # the student is built first, so with the same seed it starts from the same weights
+        # as the same config trained without a teacher
+        self.model = PicoGPT(config)
+        self.teacher = freeze(load_teacher(teacher, teacher_quantization))
+        self.teacher_vocab_size, teacher_layers, teacher_width = teacher_layout(self.teacher)
+        self.layer_map = None
+        self.hidden_projection = None
+        if alpha_cos > 0:
+            self.layer_map = resolve_layer_map(layer_map, config.n_layer, teacher_layers)
+            if config.n_embd != teacher_width:  # learned, trained with the student, not part of it
+                self.hidden_projection = nn.Linear(config.n_embd, teacher_width, bias=False)
+        # checkpoints without the teacher's weights must still load: the teacher comes from its path
+        self.strict_loading = False
+
+    # ---- the teacher stays frozen -----------------------------------------------------
+
+    def train(self, mode: bool = True):
+        # Lightning switches the whole module to train mode every epoch; the teacher's dropout stays off
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_forward(self, batch, output_hidden_states: bool):
+        out = self.teacher(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            output_hidden_states=output_hidden_states,
+            use_cache=False,
+        )
+        return out.logits, out.hidden_states
+
+    # ---- losses -----------------------------------------------------------------------
+
+    def compute_losses(self, batch):
+        with_hidden = self.alpha_cos > 0
+        student = self.model(
+            batch["input_ids"], attention_mask=batch.get("attention_mask"), output_hidden_states=with_hidden
+        )
+        teacher_logits, teacher_hidden = self.teacher_forward(batch, with_hidden)
+        real_tokens = batch["labels"] != IGNORE_INDEX
+
+        losses = {
+            "ce": next_token_loss(student.logits, batch["labels"]),
+            "kd": kd_loss(student.logits, teacher_logits, self.temperature, mask=real_tokens, top_k=self.kd_top_k),
+        }
+        total = self.alpha_ce * losses["ce"] + self.alpha_kd * losses["kd"]
+        if with_hidden:
+            losses["cos"] = hidden_cosine_loss(
+                student.hidden_states, teacher_hidden, self.layer_map, mask=real_tokens,
+                projection=self.hidden_projection,
+            )
+            total = total + self.alpha_cos * losses["cos"]
+        return {"loss": total, **losses}, student.logits
+
+    # ---- checks before the first step, and checkpoints ---------------------------------
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        student_vocab = self.config.vocab_size
+        if self.teacher_vocab_size != student_vocab:
+            raise ValueError(
+                f"the teacher's vocabulary has {self.teacher_vocab_size} tokens but the student's has "
+                f"{student_vocab}; tokenize the data with the teacher's tokenizer "
+                f"(data tokenizer: {self.hparams.teacher!r}) so the two vocabularies are the same"
+            )
+        if self.tokenizer is not None and self.tokenizer.vocab_size != student_vocab:
+            raise ValueError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the teacher and student have "
+                f"{student_vocab}; tokenize the data with the teacher's tokenizer ({self.hparams.teacher!r})"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if not self.save_teacher:  # the teacher is reloaded from its own path; no need to copy it
+            state_dict = checkpoint["state_dict"]
+            for key in [key for key in state_dict if key.startswith(TEACHER_PREFIX)]:
+                del state_dict[key]
+
+
+def freeze(teacher: nn.Module) -> nn.Module:
+    teacher.eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
+def check_weights(temperature: float, alpha_ce: float, alpha_kd: float, alpha_cos: float) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    for name, value in (("alpha_ce", alpha_ce), ("alpha_kd", alpha_kd), ("alpha_cos", alpha_cos)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if alpha_ce + alpha_kd + alpha_cos == 0:
+        raise ValueError("alpha_ce, alpha_kd and alpha_cos are all 0: nothing to train on; set at least one > 0")
+
+
+def resolve_layer_map(layer_map: Optional[Dict[int, int]], student_layers: int, teacher_layers: int):
+    """The (student, teacher) hidden-state index pairs, checked against both depths now, not mid-training."""
+    if layer_map is None:
+        return default_layer_map(student_layers, teacher_layers)
+    pairs = [(int(s), int(t)) for s, t in dict(layer_map).items()]
+    for s, t in pairs:
+        if not (0 <= s <= student_layers and 0 <= t <= teacher_layers):
+            raise ValueError(
+                f"layer_map entry {s}: {t} is out of range: the student has hidden states 0..{student_layers}, "
+                f"the teacher 0..{teacher_layers} (0 = embeddings, i = output of block i)"
+            )
+    if not pairs:
+        raise ValueError("layer_map is empty; map at least one student layer to a teacher layer, or leave it unset")
+    return pairs
+
+
+# ---- loading the teacher ---------------------------------------------------------------
+
+
+def load_teacher(source: str, quantization: Optional[str] = None) -> nn.Module:
+    """A PicoGPT from a checkpoint file of this project, else a transformers causal LM."""
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"teacher_quantization must be one of {QUANTIZATIONS} or None, got {quantization!r}")
+    if is_picogpt_checkpoint(source):
+        if quantization is not None:
+            raise ValueError("teacher_quantization applies to transformers teachers; a PicoGPT checkpoint loads as is")
+        return PicoGPT.from_checkpoint(source)
+    from transformers import AutoModelForCausalLM
+
+    options = {"quantization_config": four_bit_config()} if quantization == "4bit" else {}
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **options)
+    except Exception as error:  # noqa: BLE001 - transformers raises many kinds for "not a model"
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"cannot load teacher {source!r} ({reason}); pass a .ckpt of this project, a transformers model "
+            "directory, or a hub id while online"
+        ) from None
+
+
+def is_picogpt_checkpoint(source: str) -> bool:
+    # a transformers model is a directory or a hub id; this project's checkpoints are single files
+    return source.endswith((".ckpt", ".pt")) or os.path.isfile(source)
+
+
+def four_bit_config():
+    """NF4 weights with bfloat16 compute (QLoRA's recipe); needs bitsandbytes and a CUDA GPU."""
+    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+        missing = "bitsandbytes" if importlib.util.find_spec("bitsandbytes") is None else "a CUDA GPU"
+        raise ValueError(
+            f"teacher_quantization='4bit' needs bitsandbytes and a CUDA GPU, and {missing} is missing; "
+            "pip install bitsandbytes on a GPU machine, or drop teacher_quantization"
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def teacher_layout(teacher: nn.Module) -> Tuple[int, int, int]:
+    """(vocabulary size, number of blocks, hidden width) of a PicoGPT or transformers teacher."""
+    config = teacher.config
+    if isinstance(teacher, PicoGPT):
+        return config.vocab_size, config.n_layer, config.n_embd
+    # transformers configs name these alike across architectures (GPT-2 maps n_layer/n_embd onto them)
+    return config.vocab_size, config.num_hidden_layers, config.hidden_size
