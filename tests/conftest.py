@@ -1,0 +1,33 @@
+"""Shared test fixtures: where the corpus is, and a quiet, deterministic torch."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def shared_corpus() -> Path | None:
+    candidates = [os.environ.get("PICOGPT_DATA"), SHARED_CORPUS]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture
+def corpus_path() -> Path:
+    path = shared_corpus()
+    if path is None:
+        pytest.skip("tiny_shakespeare not found: set PICOGPT_DATA to a local input.txt")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # tests never read or write the user's cache
+    monkeypatch.setenv("PICOGPT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    torch.manual_seed(0)
