@@ -53,12 +53,13 @@ def _lightning_cli_class():
     return PicoGPTCLI
 
 
-def run_lightning(args: List[str]) -> None:
+def run_lightning(args: List[str]):
+    """Runs LightningCLI and returns it (its .model and .trainer hold the finished run)."""
     from lightning import LightningDataModule
 
     from picogpt_lightning.modules import PicoGPTModule
 
-    _lightning_cli_class()(
+    return _lightning_cli_class()(
         PicoGPTModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -76,6 +77,32 @@ def run_lightning(args: List[str]) -> None:
 
 
 # ---- the project's own commands ---------------------------------------------------------
+
+
+@command
+def pipeline(
+    size: str = "cpu",
+    out_dir: str = "runs/pipeline",
+    teacher_steps: Optional[int] = None,
+    student_steps: Optional[int] = None,
+    prompt: str = "ROMEO:",
+    sample_tokens: int = 200,
+    progress_bar: bool = True,
+) -> None:
+    """Train a teacher, distil a student, train the same student alone; print their val losses and a sample.
+
+    Args:
+        size: "cpu" shrinks configs/teacher, distill and student.yaml to run in minutes on a CPU; "full" runs them as written.
+        out_dir: where checkpoints (out_dir/<stage>/last.ckpt) and TensorBoard runs go.
+        teacher_steps: training steps of the teacher (default: 1500 at cpu size, the recipe's at full size).
+        student_steps: training steps of each student, the same for both (default: 1000 at cpu size).
+        prompt: the start of the distilled student's sample.
+        sample_tokens: how many tokens to sample.
+        progress_bar: show Lightning's progress bars.
+    """
+    from picogpt_lightning.pipeline import run_pipeline
+
+    run_pipeline(size, out_dir, teacher_steps, student_steps, prompt, sample_tokens, progress_bar)
 
 
 def run_command(name: str, args: List[str]) -> None:
