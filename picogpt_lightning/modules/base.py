@@ -20,6 +20,10 @@ from picogpt_lightning.model.gpt import COMPILE_PREFIX, CONFIG_KEY
 TOKENIZER_KEY = "picogpt_tokenizer"
 IGNORE_INDEX = -100
 
+# checkpoints' hyperparameters hold a PicoGPTConfig; allowing it lets Lightning resume and
+# load_from_checkpoint read them with torch.load(weights_only=True), torch's default
+torch.serialization.add_safe_globals([PicoGPTConfig])
+
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over real tokens; labels are already shifted, -100 marks pads."""
@@ -150,6 +154,12 @@ class PicoGPTModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_block_size = getattr(getattr(datamodule, "hparams", None), "block_size", None)
+        if data_block_size is not None and data_block_size > self.config.block_size:
+            raise ValueError(
+                f"the data's block_size ({data_block_size}) exceeds the model's ({self.config.block_size}); "
+                "set both to the same value"
+            )
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is None:
             return
