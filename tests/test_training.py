@@ -177,3 +177,9 @@ def test_model_smaller_than_tokenizer_vocab_is_refused(tmp_path, corpus_path):
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match="the tokenizer has 65 tokens but the model's vocab_size is 40"):
         trainer.fit(module, data)
+
+
+def test_data_block_size_larger_than_model_is_refused(tmp_path, corpus_path):
+    result = run_cli(*tiny_fit_args(tmp_path, "--data.init_args.block_size", "128"), env_corpus=corpus_path)
+    assert result.returncode != 0
+    assert "the data's block_size (128) exceeds the model's (64)" in result.stderr.strip().splitlines()[-1]
