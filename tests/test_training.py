@@ -183,3 +183,15 @@ def test_data_block_size_larger_than_model_is_refused(tmp_path, corpus_path):
     result = run_cli(*tiny_fit_args(tmp_path, "--data.init_args.block_size", "128"), env_corpus=corpus_path)
     assert result.returncode != 0
     assert "the data's block_size (128) exceeds the model's (64)" in result.stderr.strip().splitlines()[-1]
+
+
+def test_init_from_starts_fine_tuning_at_the_checkpoint(tiny_run):
+    cli, log_dir = tiny_run
+    checkpoint = str(log_dir / "checkpoints" / "last.ckpt")
+    config = PicoGPTConfig.from_dict({**cli.model.config.to_dict(), "neftune_noise_alpha": 5.0})
+    fine_tune = LanguageModelModule(config, init_from=checkpoint).eval()
+    ids = torch.randint(0, 65, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(fine_tune.model(ids).logits, cli.model.model.eval()(ids).logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="does not match the model config"):
+        LanguageModelModule(PicoGPTConfig.from_dict({**config.to_dict(), "n_layer": 2}), init_from=checkpoint)
