@@ -10,7 +10,7 @@ new command is one function here and nothing else.
 
 import os
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Literal, Optional, Union
 
 LIGHTNING_SUBCOMMANDS = {
     "fit": "train a model (python -m picogpt_lightning fit --config configs/pretrain_cpu.yaml)",
@@ -103,6 +103,113 @@ def pipeline(
     from picogpt_lightning.pipeline import run_pipeline
 
     run_pipeline(size, out_dir, teacher_steps, student_steps, prompt, sample_tokens, progress_bar)
+
+
+@command
+def generate(
+    ckpt: str,
+    prompt: Optional[str] = None,
+    prompts_file: Optional[str] = None,
+    max_new_tokens: Optional[int] = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    repetition_penalty: float = 1.0,
+    num_beams: int = 1,
+    num_return_sequences: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: Union[bool, Literal["never"]] = False,
+    stop_at_eos: bool = True,
+    seed: int = 1337,
+    stream: bool = True,
+    device: str = "cpu",
+) -> None:
+    """Continue prompts with a trained checkpoint and print the text (streamed when sampling).
+
+    Args:
+        ckpt: a checkpoint written by training (it holds the model config and the tokenizer).
+        prompt: the text to continue; the two characters \\n stand for a newline.
+        prompts_file: a file of prompts, one per line (blank lines skipped), decoded as one batch.
+        max_new_tokens: how many tokens to add at most (default: as many as the model's block_size leaves after the longest prompt).
+        do_sample: sample instead of taking the most likely token (greedy) or the best beams.
+        temperature: divides the logits before sampling (< 1 sharper, > 1 flatter).
+        top_k: sample only among the k most likely tokens (None or 0: all).
+        top_p: sample only among the most likely tokens holding probability top_p (nucleus).
+        repetition_penalty: > 1 discourages tokens already in the text (transformers' rule).
+        num_beams: beam search with this many beams when > 1.
+        num_return_sequences: continuations per prompt (samples, or the best beams).
+        length_penalty: beam score = log-probability / length ** length_penalty.
+        early_stopping: beam search stops when num_beams hypotheses are done (true), when no beam can improve (false), or only at max_new_tokens ("never").
+        stop_at_eos: stop a sequence at the tokenizer's end-of-text token (if it has one).
+        seed: random seed, so samples can be reproduced.
+        stream: print sampled tokens as they come (one prompt at a time, one sequence each).
+        device: "cpu", "cuda" or any torch device.
+    """
+    import torch
+
+    from picogpt_lightning.data.tokenizer import Tokenizer
+    from picogpt_lightning.model import PicoGPT
+    from picogpt_lightning.text_generation import encode_prompts, generate_texts
+
+    prompts = read_prompts(prompt, prompts_file)
+    model = PicoGPT.from_checkpoint(ckpt).eval().to(device)
+    tokenizer = Tokenizer.from_checkpoint(ckpt)
+    if max_new_tokens is None:
+        longest = max(len(tokenizer.encode(text)) for text in prompts)
+        max_new_tokens = max(1, model.config.block_size - longest)  # a prompt too long still gets its one-line error
+    torch.manual_seed(seed)
+    options = dict(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, num_beams=num_beams, num_return_sequences=num_return_sequences,
+        length_penalty=length_penalty, early_stopping=early_stopping,
+    )
+    if stream and do_sample and num_beams == 1 and num_return_sequences == 1:
+        from transformers import TextStreamer
+
+        eos = tokenizer.eos_token_id if stop_at_eos else None
+        for number, text in enumerate(prompts):
+            if number:
+                print("-" * 40)
+            input_ids, _ = encode_prompts(tokenizer, [text], device)
+            streamer = TextStreamer(tokenizer.hf, skip_special_tokens=True)
+            model.generate(input_ids, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, streamer=streamer, **options)
+        return
+    texts = generate_texts(model, tokenizer, prompts, stop_at_eos=stop_at_eos, **options)
+    for number, text in enumerate(texts):
+        if number:
+            print("-" * 40)
+        print(text)
+
+
+def read_prompts(prompt: Optional[str], prompts_file: Optional[str]) -> List[str]:
+    if (prompt is None) == (prompts_file is None):
+        raise ValueError("give exactly one of --prompt TEXT or --prompts_file PATH")
+    if prompts_file is not None:
+        if not os.path.isfile(prompts_file):
+            raise FileNotFoundError(f"prompts file not found: {prompts_file}")
+        with open(prompts_file, encoding="utf-8") as lines:
+            prompts = [line.rstrip("\n") for line in lines if line.strip()]
+        if not prompts:
+            raise ValueError(f"{prompts_file} holds no prompts; write one prompt per line")
+    else:
+        prompts = [prompt]
+    return [text.replace("\\n", "\n") for text in prompts]
+
+
+@command
+def export(ckpt: str, out: str, overwrite: bool = False) -> None:
+    """Write a checkpoint as a Hugging Face directory (LlamaForCausalLM + tokenizer) for from_pretrained.
+
+    Args:
+        ckpt: a checkpoint written by training (model config and tokenizer inside); the model must use mlp="swiglu".
+        out: the directory to create; AutoModelForCausalLM and AutoTokenizer.from_pretrained(out) load it offline.
+        overwrite: replace out if it already exists.
+    """
+    from picogpt_lightning.hf import export_checkpoint
+
+    export_checkpoint(ckpt, out, overwrite=overwrite)
+    print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({out!r}) and AutoTokenizer.from_pretrained({out!r}) load it")
 
 
 def run_command(name: str, args: List[str]) -> None:

@@ -6,6 +6,8 @@ keeps q, k and v in one matrix whose rows are [n_head * hs | groups * hs | group
 llama keeps three matrices. Everything else is a rename.
 """
 
+import shutil
+from pathlib import Path
 from typing import Dict, Optional
 
 import torch
@@ -166,3 +168,27 @@ def save_pretrained(model: PicoGPT, directory: str, tokenizer: Optional[object] 
     to_hf(model, **ids).save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save(directory)
+
+
+def export_checkpoint(checkpoint_path: str, directory: str, overwrite: bool = False) -> None:
+    """A checkpoint of this project -> a Hugging Face directory (model, generation config, tokenizer).
+
+    Written to a temporary sibling first, so a failure never leaves a half-written export.
+    """
+    from picogpt_lightning.data.tokenizer import Tokenizer
+
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise ValueError(f"{directory} already exists and is not empty; choose another --out or pass --overwrite true")
+    model = PicoGPT.from_checkpoint(checkpoint_path).eval()
+    tokenizer = Tokenizer.from_checkpoint(checkpoint_path)
+    llama_config(model.config)  # refuse a model llama cannot express before writing anything
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_pretrained(model, str(staging), tokenizer)
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,58 @@
+"""Text in, text out: prompts -> left-padded batch -> PicoGPT.generate -> decoded texts.
+
+Shared by `python -m picogpt_lightning generate` and the sample-logging callback.
+"""
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from picogpt_lightning.model import PicoGPT
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of the prompts, left-padded to one length, and the mask marking real tokens."""
+    encoded = []
+    for number, prompt in enumerate(prompts, start=1):
+        ids = tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError(f"prompt {number} is empty; give at least one character to continue from")
+        encoded.append(ids)
+    # the pad value never reaches the model's outputs (the mask hides it); any valid id will do
+    pad = next((token for token in (tokenizer.pad_token_id, tokenizer.eos_token_id) if token is not None), 0)
+    length = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), length), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, length - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, length - len(ids) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def decode_outputs(tokenizer, outputs: torch.Tensor, attention_mask: torch.Tensor, eos_token_id: Optional[int]) -> List[str]:
+    """Prompt + continuation of each output row, without prompt padding, the eos token or what follows it."""
+    prompt_len = attention_mask.shape[1]
+    copies = outputs.shape[0] // attention_mask.shape[0]  # num_return_sequences rows per prompt
+    texts = []
+    for row, ids in enumerate(outputs.tolist()):
+        prompt_mask = attention_mask[row // copies].tolist()
+        prompt = [token for token, keep in zip(ids[:prompt_len], prompt_mask) if keep]
+        continuation = ids[prompt_len:]
+        if eos_token_id is not None and eos_token_id in continuation:
+            continuation = continuation[: continuation.index(eos_token_id)]
+        texts.append(tokenizer.decode(prompt + continuation))
+    return texts
+
+
+def generate_texts(model: PicoGPT, tokenizer, prompts: Sequence[str], stop_at_eos: bool = True, **options) -> List[str]:
+    """Continues every prompt in one batch; returns num_return_sequences texts per prompt, prompt by prompt.
+
+    `options` are PicoGPT.generate's arguments; eos and pad ids come from the tokenizer.
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask = encode_prompts(tokenizer, prompts, device)
+    eos = tokenizer.eos_token_id if stop_at_eos else None
+    outputs = model.generate(
+        input_ids, attention_mask=attention_mask, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, **options
+    )
+    return decode_outputs(tokenizer, outputs, attention_mask, eos)
