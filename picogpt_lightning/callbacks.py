@@ -1,0 +1,85 @@
+"""Lightning callbacks this project needs and Lightning lacks."""
+
+from typing import List, Optional
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from picogpt_lightning.text_generation import encode_prompts, generate_texts
+
+
+class SampleGenerationCallback(Callback):
+    """After each validation, continues fixed prompts and writes the text to TensorBoard.
+
+    The same seed every time, so samples from successive validations differ only because
+    the model has changed. Generation runs on every rank (a sharded model needs all of
+    them for a forward pass); only rank zero writes. Training's random state is untouched.
+
+    In a config: trainer.callbacks: [{class_path: picogpt_lightning.callbacks.SampleGenerationCallback,
+    init_args: {prompts: ["ROMEO:"], max_new_tokens: 100}}]
+    """
+
+    def __init__(
+        self,
+        prompts: Optional[List[str]] = None,
+        max_new_tokens: int = 100,
+        do_sample: bool = True,
+        temperature: float = 0.8,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        num_beams: int = 1,
+        seed: int = 1337,
+    ):
+        super().__init__()
+        self.prompts = list(prompts) if prompts else ["\n"]
+        if max_new_tokens < 1:
+            raise ValueError(f"SampleGenerationCallback.max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.options = dict(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            num_beams=num_beams,
+        )
+        self.seed = seed
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # checked here, once the module has its tokenizer, so a bad setting fails before training, not after
+        tokenizer = getattr(pl_module, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(
+                "SampleGenerationCallback needs the module's tokenizer; train with a datamodule that has one"
+            )
+        input_ids, _ = encode_prompts(tokenizer, self.prompts)
+        block_size = pl_module.model.config.block_size
+        if input_ids.shape[1] + self.options["max_new_tokens"] > block_size:
+            raise ValueError(
+                f"SampleGenerationCallback: longest prompt ({input_ids.shape[1]} tokens) + max_new_tokens "
+                f"({self.options['max_new_tokens']}) exceeds block_size {block_size}; lower max_new_tokens"
+            )
+        if not any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
+            rank_zero_warn("SampleGenerationCallback writes to TensorBoard, but no TensorBoardLogger is configured")
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        texts = self.generate(pl_module)
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for number, text in enumerate(texts):
+                    # a code block keeps newlines and spacing in TensorBoard's markdown view
+                    logger.experiment.add_text(f"samples/{number}", f"```\n{text}\n```", trainer.global_step)
+
+    def generate(self, pl_module) -> List[str]:
+        model = pl_module.model
+        was_training = model.training
+        device = pl_module.device
+        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=cuda_devices):
+                torch.manual_seed(self.seed)
+                return generate_texts(model, pl_module.tokenizer, self.prompts, **self.options)
+        finally:
+            model.train(was_training)
