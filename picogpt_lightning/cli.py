@@ -94,7 +94,7 @@ def pipeline(
     Args:
         size: "cpu" shrinks configs/teacher, distill and student.yaml to run in minutes on a CPU; "full" runs them as written.
         out_dir: where checkpoints (out_dir/<stage>/last.ckpt) and TensorBoard runs go.
-        teacher_steps: training steps of the teacher (default: 1500 at cpu size, the recipe's at full size).
+        teacher_steps: training steps of the teacher (default: 2000 at cpu size, the recipe's at full size).
         student_steps: training steps of each student, the same for both (default: 1000 at cpu size).
         prompt: the start of the distilled student's sample.
         sample_tokens: how many tokens to sample.

@@ -225,3 +225,28 @@ def test_vocabulary_mismatch_fails_before_training_with_a_clear_error(tmp_path, 
     assert "teacher's vocabulary has 70 tokens but the student's has 65" in message
     assert "\n" not in message and "tokenizer" in message
     assert not (tmp_path / "checkpoints").exists()  # nothing trained, nothing written
+
+
+# ---- a teacher of this project: the pipeline ---------------------------------------------
+
+
+def test_pipeline_trains_teacher_then_both_students_on_the_teachers_tokenizer(tmp_path, corpus, monkeypatch, capsys):
+    from picogpt_lightning.pipeline import run_pipeline
+
+    monkeypatch.setenv("PICOGPT_DATA", str(corpus))
+    results, text = run_pipeline(
+        "cpu", str(tmp_path), teacher_steps=3, student_steps=2, sample_tokens=10, progress_bar=False
+    )
+    assert [(r.name, r.steps) for r in results] == [("teacher", 3), ("distill", 2), ("student", 2)]
+    teacher, distilled, alone = results
+    assert distilled.parameters == alone.parameters < teacher.parameters / 3  # the CPU student is ~1/4
+    for result in results:  # an untrained char model scores about ln(65) = 4.17
+        assert 3.0 < result.val_loss < 4.6
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 10  # char level: one token per char
+    out = capsys.readouterr().out
+    assert "| student + KD |" in out and "sample from the distilled student" in out
+
+    # the students' data used the teacher checkpoint's tokenizer; the teacher stays out of the student's file
+    checkpoint = torch.load(tmp_path / "distill" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["datamodule_hyper_parameters"]["tokenizer"] == str(tmp_path / "teacher" / "last.ckpt")
+    assert not any(key.startswith("teacher.") for key in checkpoint["state_dict"])
