@@ -133,6 +133,8 @@ def build_tokenizer(kind: str, text: str | None = None, vocab_size: int | None =
         return _build_char(_require_text(text, kind))
     if kind == "bpe":
         return _train_bpe(_require_text(text, kind), vocab_size)
+    if kind.endswith(".ckpt"):  # the tokenizer a model of this project was trained with (e.g. a teacher's)
+        return Tokenizer.from_checkpoint(kind)
     return Tokenizer(kind, _load_pretrained(kind))  # text is not needed: the vocabulary comes with it
 
 
