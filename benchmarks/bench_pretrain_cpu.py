@@ -1,6 +1,6 @@
 """configs/pretrain_cpu.yaml end to end through the CLI: final val/loss and wall time.
 
-    python benchmarks/bench_pretrain_cpu.py [--max_steps 2000]
+    python -m benchmarks.bench_pretrain_cpu [--max_steps 2000]   (from the repository root)
 
 nanoGPT reports val 1.88 for this setting on CPU; the target here is val/loss <= 1.90.
 """
@@ -51,7 +51,7 @@ def main() -> None:
     rows = [[step, f"{loss:.4f}", f"{p:.3f}"] for (step, loss), (_, p) in zip(val, ppl)]
     final = val[-1][1]
     body = (
-        f"`python benchmarks/bench_pretrain_cpu.py` on {machine_description()}.\n\n"
+        f"`python -m benchmarks.bench_pretrain_cpu` on {machine_description()}.\n\n"
         f"configs/pretrain_cpu.yaml (nanoGPT's shakespeare_char CPU setting, char level, 4 layers, "
         f"width 128, block 64, batch 12, {args.max_steps} steps, {n_params / 1e6:.2f}M parameters): "
         f"**final val/loss {final:.4f}** (target <= 1.90; nanoGPT reports 1.88), "
