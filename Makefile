@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m picogpt_lightning fit --config configs/pretrain_cpu.yaml
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m picogpt_lightning pipeline
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -148,9 +148,16 @@ def sample(checkpoint_path: Path, prompt: str, max_new_tokens: int) -> str:
     model = PicoGPT.from_checkpoint(str(checkpoint_path)).eval()
     tokenizer = Tokenizer.from_checkpoint(checkpoint_path)
     torch.manual_seed(1337)
-    prompt_ids = torch.tensor([tokenizer.encode(prompt)])
-    out = model.generate(prompt_ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=20)
-    return tokenizer.decode(out[0])
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    target_length = ids.shape[1] + max_new_tokens
+    block_size = model.config.block_size
+    while ids.shape[1] < target_length:
+        # the model sees at most block_size tokens: continue from the last half block, half a block at a time
+        new = min(target_length - ids.shape[1], block_size // 2)
+        context = ids[:, -(block_size - new):]
+        out = model.generate(context, max_new_tokens=new, do_sample=True, temperature=0.8, top_k=20)
+        ids = torch.cat([ids, out[:, context.shape[1]:]], dim=1)
+    return tokenizer.decode(ids[0])
 
 
 def print_results(results: List[StageResult], text: str) -> None:
