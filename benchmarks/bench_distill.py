@@ -9,15 +9,22 @@ the wall time into BENCHMARKS.md.
 """
 
 import argparse
+import inspect
 import tempfile
 import time
 
 import torch
 
 from benchmarks.report import machine_description, markdown_table, write_section
+from picogpt_lightning.modules import DistillationModule
 from picogpt_lightning.pipeline import run_pipeline
 
 LABELS = {"teacher": "teacher", "distill": "student + KD", "student": "student alone"}
+
+
+def defaults() -> str:
+    signature = inspect.signature(DistillationModule.__init__).parameters
+    return ", ".join(f"{name} = {signature[name].default}" for name in ("temperature", "alpha_ce", "alpha_kd", "alpha_cos"))
 
 
 def main() -> None:
@@ -50,8 +57,7 @@ def main() -> None:
     body = (
         f"`python -m benchmarks.bench_distill --size {args.size}` on {machine_description()}.\n\n"
         f"{size}. Both students start from the same weights (same seed) and see the same batches for "
-        f"the same steps; the student + KD run uses T = 2, alpha_ce = alpha_kd = 0.5 (DistillationModule's "
-        f"defaults). Val loss is next-token cross-entropy of the final weights on the same validation "
+        f"the same steps; the student + KD run uses DistillationModule's defaults ({defaults()}). Val loss is next-token cross-entropy of the final weights on the same validation "
         f"windows for all three.\n\n"
         + markdown_table(["model", "parameters", "steps", "val loss", "val ppl"], rows)
         + f"\n\nThe distilled student **{verdict}** the student alone by {gain:.4f} nats/token "
