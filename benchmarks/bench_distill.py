@@ -10,6 +10,7 @@ the wall time into BENCHMARKS.md.
 
 import argparse
 import inspect
+import math
 import tempfile
 import time
 
@@ -24,7 +25,8 @@ LABELS = {"teacher": "teacher", "distill": "student + KD", "student": "student a
 
 def defaults() -> str:
     signature = inspect.signature(DistillationModule.__init__).parameters
-    return ", ".join(f"{name} = {signature[name].default}" for name in ("temperature", "alpha_ce", "alpha_kd", "alpha_cos"))
+    names = ("temperature", "alpha_ce", "alpha_kd", "alpha_cos")
+    return ", ".join(f"{name} = {signature[name].default}" for name in names)
 
 
 def main() -> None:
@@ -44,7 +46,7 @@ def main() -> None:
     teacher, distilled, alone = results
     gain = alone.val_loss - distilled.val_loss
     rows = [
-        [LABELS[r.name], f"{r.parameters / 1e6:.2f}M", r.steps, f"{r.val_loss:.4f}", f"{torch.tensor(r.val_loss).exp():.3f}"]
+        [LABELS[r.name], f"{r.parameters / 1e6:.2f}M", r.steps, f"{r.val_loss:.4f}", f"{math.exp(r.val_loss):.3f}"]
         for r in results
     ]
     size = (
@@ -57,7 +59,8 @@ def main() -> None:
     body = (
         f"`python -m benchmarks.bench_distill --size {args.size}` on {machine_description()}.\n\n"
         f"{size}. Both students start from the same weights (same seed) and see the same batches for "
-        f"the same steps; the student + KD run uses DistillationModule's defaults ({defaults()}). Val loss is next-token cross-entropy of the final weights on the same validation "
+        f"the same steps; the student + KD run uses DistillationModule's defaults ({defaults()}). "
+        f"Val loss is next-token cross-entropy of the final weights on the same validation "
         f"windows for all three.\n\n"
         + markdown_table(["model", "parameters", "steps", "val loss", "val ppl"], rows)
         + f"\n\nThe distilled student **{verdict}** the student alone by {gain:.4f} nats/token "

@@ -99,7 +99,8 @@ def stage_flags(stage: str, out: Path, progress_bar: bool) -> List[str]:
 
 
 def cpu_flags(role: str) -> List[str]:
-    flags = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.init_args.config.dropout", "0.0"]
+    flags = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true"]
+    flags += ["--model.init_args.config.dropout", "0.0"]
     flags += ["--model.init_args.config.block_size", str(CPU_DATA["block_size"])]
     for name, value in CPU_DATA.items():
         flags += [f"--data.init_args.{name}", str(value)]

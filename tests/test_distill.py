@@ -122,7 +122,7 @@ def test_bad_settings_fail_with_clear_errors(tmp_path):
     reason="bitsandbytes and a GPU are present: 4-bit loading would work",
 )
 def test_4bit_teacher_without_bitsandbytes_or_gpu_is_a_clear_error(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     LlamaForCausalLM(tiny_llama_config(VOCAB)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="needs bitsandbytes and a CUDA GPU"):
