@@ -127,7 +127,11 @@ class PicoGPTModule(L.LightningModule):
 
     def _batch_flops(self, batch, training: bool) -> int:
         batch_size, seq_len = batch["input_ids"].shape  # padded positions cost compute too
-        return batch_size * seq_len * flops_per_token(self.config, seq_len, training)
+        return batch_size * seq_len * self.module_flops_per_token(seq_len, training)
+
+    def module_flops_per_token(self, seq_len: int, training: bool) -> int:
+        """FLOPs per token of the trained model; a recipe that also runs a frozen model adds its forward."""
+        return flops_per_token(self.config, seq_len, training)
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val")
