@@ -10,8 +10,8 @@ from typing import Dict, Optional, Tuple
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torchmetrics.text import Perplexity
 
 from picogpt_lightning.model import PicoGPTConfig
