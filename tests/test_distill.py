@@ -250,3 +250,11 @@ def test_pipeline_trains_teacher_then_both_students_on_the_teachers_tokenizer(tm
     checkpoint = torch.load(tmp_path / "distill" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["datamodule_hyper_parameters"]["tokenizer"] == str(tmp_path / "teacher" / "last.ckpt")
     assert not any(key.startswith("teacher.") for key in checkpoint["state_dict"])
+
+
+def test_throughput_counts_the_teachers_forward(tmp_path):
+    from picogpt_lightning.modules.base import flops_per_token
+
+    module = DistillationModule(student_config(), teacher=saved_teacher(tmp_path))
+    expected = flops_per_token(student_config(), 10, training=True) + flops_per_token(module.teacher.config, 10, False)
+    assert module.module_flops_per_token(10, training=True) == expected

@@ -40,7 +40,7 @@ from torch import nn
 
 from picogpt_lightning.losses import default_layer_map, hidden_cosine_loss, kd_loss
 from picogpt_lightning.model import PicoGPT, PicoGPTConfig
-from picogpt_lightning.modules.base import IGNORE_INDEX, PicoGPTModule, next_token_loss
+from picogpt_lightning.modules.base import IGNORE_INDEX, PicoGPTModule, flops_per_token, next_token_loss
 
 TEACHER_PREFIX = "teacher."
 QUANTIZATIONS = ("4bit",)
@@ -116,6 +116,10 @@ class DistillationModule(PicoGPTModule):
             use_cache=False,
         )
         return out.logits, out.hidden_states
+
+    def module_flops_per_token(self, seq_len: int, training: bool) -> int:
+        # every step also runs the teacher forward, which counts towards throughput and MFU
+        return super().module_flops_per_token(seq_len, training) + teacher_forward_flops(self.teacher, seq_len)
 
     # ---- losses -----------------------------------------------------------------------
 
@@ -243,6 +247,15 @@ def four_bit_config():
         bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_use_double_quant=True,
     )
+
+
+def teacher_forward_flops(teacher: nn.Module, seq_len: int) -> int:
+    """Forward FLOPs per token: as the base counts them for a PicoGPT; for a transformers model,
+    2 per weight of its blocks and its lm_head matmul (attention scores left out)."""
+    if isinstance(teacher, PicoGPT):
+        return flops_per_token(teacher.config, seq_len, training=False)
+    vocab_size, _, width = teacher_layout(teacher)
+    return 2 * (teacher.num_parameters(exclude_embeddings=True) + vocab_size * width)
 
 
 def teacher_layout(teacher: nn.Module) -> Tuple[int, int, int]:
