@@ -6,7 +6,6 @@ differ only by float rounding.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import shared_corpus
 from ddp_run import DDP_RUNS, train
 from tiny_training import step_losses
 
@@ -23,15 +23,12 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    from conftest import shared_corpus
-
-    corpus = shared_corpus()
+    corpus = shared_corpus()  # module scope: the corpus_path fixture is per test
     if corpus is None:
         pytest.skip("tiny_shakespeare not found: set PICOGPT_DATA to a local input.txt")
     out = tmp_path_factory.mktemp("ddp")
     command = [sys.executable, str(TESTS_DIR / "ddp_run.py"), "--corpus", str(corpus), "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     reference_losses, reference_weights, _ = train(corpus, devices=1, batch_size=8)
     return out, reference_losses, reference_weights

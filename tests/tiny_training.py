@@ -1,4 +1,4 @@
-"""A tiny model, data and trainer for the precision, DDP and compile tests (also run as a DDP script's import)."""
+"""A tiny model, its data and a quiet CPU trainer, shared by the scaling tests and tests/ddp_run.py."""
 
 from typing import List
 
