@@ -11,6 +11,10 @@ compared token for token (the tests do, against LlamaForCausalLM on exported wei
 - logits are processed in transformers' order: repetition penalty, then (sampling only)
   temperature, top-k, top-p. `top_k=None` here means no top-k (transformers' own default is 50).
 
+One deliberate difference: transformers' beam search fills the tail of a hypothesis that
+ended early with eos instead of pad when pad_token_id is 0 (it tests the id for truth);
+here the filler is always pad_token_id, as in its greedy and sampling modes.
+
 Beam search keeps the beams as a batch dimension: every step scores all beams of all
 prompts in one forward pass and reorders the cache with one index_select.
 Pure torch: nothing here imports Lightning or transformers.
@@ -54,6 +58,7 @@ def generate(
         model.config, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
         repetition_penalty, num_beams, num_return_sequences, early_stopping, eos, pad_token_id, streamer,
     )
+    input_ids = input_ids.long()
     if pad_token_id is None and eos:
         pad_token_id = eos[0]  # finished sequences are filled with eos, as transformers does
     if attention_mask is None:
