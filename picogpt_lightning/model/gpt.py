@@ -10,7 +10,7 @@ from torch import nn
 
 from picogpt_lightning.model import generation
 from picogpt_lightning.model.config import PicoGPTConfig
-from picogpt_lightning.model.layers import Block, KVCache, RotaryEmbedding, build_attention_mask
+from picogpt_lightning.model.layers import Block, KVCache, RotaryEmbedding, build_attention_mask, make_dropout
 
 # keys a checkpoint of this project stores beside the weights (see modules/base.py)
 CONFIG_KEY = "picogpt_config"
@@ -29,7 +29,7 @@ class PicoGPT(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
-        self.embed_dropout = nn.Dropout(config.dropout)
+        self.embed_dropout = make_dropout(config.dropout)
         self.rotary = RotaryEmbedding(config.head_size, config.rope_theta)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
@@ -86,7 +86,7 @@ class PicoGPT(nn.Module):
             x = self._neftune(x, attention_mask)
         x = self.embed_dropout(x)
 
-        cos, sin = self.rotary(position_ids)
+        cos, sin = self.rotary(position_ids, dtype=x.dtype)
         mask = build_attention_mask(attention_mask, T, past_len, input_ids.device)
         hidden_states: List[torch.Tensor] = [x] if output_hidden_states else []
         presents = []

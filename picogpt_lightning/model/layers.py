@@ -24,11 +24,12 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every angle, shaped (B, 1, T, head_size) to broadcast over heads."""
         # float32 for the angles: positions times frequencies lose digits in half precision
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, head_size / 2)
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq.float()  # (B, 1, T, head_size / 2)
         angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos(), angles.sin()
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -37,9 +38,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, head_size); cos, sin: (B, T, head_size)."""
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    """x: (B, heads, T, head_size); cos, sin: (B, 1, T, head_size) from RotaryEmbedding."""
+    if cos.dtype != x.dtype:  # under autocast the projections come out in the compute dtype
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
+
+
+def make_dropout(p: float) -> nn.Module:
+    # no dropout module at all when p == 0: one call less per use in every decoding step
+    return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 def build_attention_mask(
@@ -79,7 +86,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = make_linear(config, config.n_embd, qkv_width)  # one matmul for q, k and v
         self.proj = make_linear(config, config.n_head * config.head_size, config.n_embd)
         self.proj.is_residual_projection = True
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = make_dropout(config.dropout)
 
     def forward(
         self,
@@ -91,13 +98,11 @@ class CausalSelfAttention(nn.Module):
         use_cache: bool = False,
     ) -> Tuple[torch.Tensor, Optional[KVCache]]:
         B, T, _ = x.shape
-        q_width = self.n_head * self.head_size
-        kv_width = self.n_query_groups * self.head_size
-        q, k, v = self.qkv(x).split((q_width, kv_width, kv_width), dim=-1)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
-        k = k.view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
-        v = v.view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        H, G = self.n_head, self.n_query_groups
+        # the fused projection's rows are [H query heads | G key heads | G value heads]
+        heads = self.qkv(x).view(B, T, H + 2 * G, self.head_size).transpose(1, 2)
+        rotated = apply_rotary(heads[:, : H + G], cos, sin)  # queries and keys in one pass
+        q, k, v = rotated[:, :H], rotated[:, H:], heads[:, H + G :]
 
         if past_key_value is not None:
             k = torch.cat((past_key_value[0], k), dim=2)
@@ -115,7 +120,7 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )
-        y = y.transpose(1, 2).reshape(B, T, q_width)
+        y = y.transpose(1, 2).reshape(B, T, H * self.head_size)
         return self.resid_dropout(self.proj(y)), present
 
 
@@ -128,7 +133,7 @@ class SwiGLU(nn.Module):
         self.up_proj = make_linear(config, config.n_embd, config.intermediate_size)
         self.down_proj = make_linear(config, config.intermediate_size, config.n_embd)
         self.down_proj.is_residual_projection = True
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = make_dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
@@ -142,7 +147,7 @@ class GeluMLP(nn.Module):
         self.fc = make_linear(config, config.n_embd, config.intermediate_size)
         self.proj = make_linear(config, config.intermediate_size, config.n_embd)
         self.proj.is_residual_projection = True
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = make_dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(F.gelu(self.fc(x))))
