@@ -3,8 +3,15 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# The tests run tiny models whose ops are too small to gain from a second thread, and
+# subprocesses (CLI runs, DDP ranks) share the cores with this one: one thread each
+# avoids OpenMP threads spinning against each other. Set before torch starts OpenMP.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
