@@ -1,6 +1,6 @@
 """Decoding speed: the KV cache against recomputing every step, and beam search against transformers.
 
-    flock /tmp/picogpt_bench.lock python benchmarks/bench_generation.py [--new_tokens 256] [--repeats 3]
+    flock /tmp/picogpt_bench.lock python -m benchmarks.bench_generation [--new_tokens 256] [--repeats 3]
 
 Models are random (speed does not depend on the weights) in two sizes: configs/pretrain_cpu.yaml's
 (4 layers, 4 heads, width 128) and configs/pretrain.yaml's (6 layers, 6 heads, width 384), both
@@ -91,7 +91,7 @@ def main() -> None:
         ])
 
     body = (
-        f"`flock /tmp/picogpt_bench.lock python benchmarks/bench_generation.py` on {machine_description()} "
+        f"`flock /tmp/picogpt_bench.lock python -m benchmarks.bench_generation` on {machine_description()} "
         f"(one thread: the 2 cores are shared, and small decoding ops lose more to thread synchronisation "
         f"than they gain). Random weights, vocabulary {VOCAB}, block_size {BLOCK_SIZE} (so that the "
         f"{PROMPT_TOKENS}-token prompt + {args.new_tokens} new tokens fit), greedy; median of "

@@ -1,6 +1,6 @@
 """Tokens/s of Lightning's training path against a plain PyTorch loop, on the same everything.
 
-    flock /tmp/picogpt_bench.lock python benchmarks/bench_throughput.py
+    flock /tmp/picogpt_bench.lock python -m benchmarks.bench_throughput   (from the repository root)
 
 Both sides train the model of configs/pretrain_cpu.yaml from the same initial weights on the
 same pre-collated batches, with the module's own AdamW and warmup+cosine schedule and gradient
