@@ -55,11 +55,12 @@ def _lightning_cli_class():
 
 def run_lightning(args: List[str]):
     """Runs LightningCLI and returns it (its .model and .trainer hold the finished run)."""
+    import torch.distributed as dist
     from lightning import LightningDataModule
 
     from picogpt_lightning.modules import PicoGPTModule
 
-    return _lightning_cli_class()(
+    cli = _lightning_cli_class()(
         PicoGPTModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -74,6 +75,10 @@ def run_lightning(args: List[str]):
         },
         args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given its own argv
     )
+    # a `ddp` process group left alive until interpreter exit can abort the process there
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return cli
 
 
 # ---- the project's own commands ---------------------------------------------------------
