@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
+from picogpt_lightning.data.collate import IGNORE_INDEX
 from picogpt_lightning.model import PicoGPT
+from picogpt_lightning.modules.base import next_token_loss
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 STAGES = ("teacher", "distill", "student")
-IGNORE_INDEX = -100
 
 # The CPU size keeps the recipes' shapes and shrinks them: the teacher is nanoGPT's CPU
 # shakespeare_char model (4 layers, width 128, block 64, batch 12), the student keeps its
@@ -135,11 +135,9 @@ def evaluate(name: str, checkpoint_path: Path) -> StageResult:
         for batch in datamodule.val_dataloader():
             batch = {key: value.to(device) for key, value in batch.items()}
             logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"]
-            total += F.cross_entropy(
-                logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            ).item()
-            tokens += int((labels != IGNORE_INDEX).sum())
+            batch_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+            total += next_token_loss(logits, batch["labels"]).item() * batch_tokens
+            tokens += batch_tokens
     return StageResult(name, model.num_parameters(), int(checkpoint["global_step"]), total / tokens)
 
 

@@ -14,14 +14,6 @@ from picogpt_lightning.text_generation import generate_texts
 TEXT = "to be, or not to be, that is the question:\nwhether 'tis nobler in the mind to suffer\n" * 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 
 def tensorboard_texts(log_dir) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -17,14 +17,6 @@ TEXT = "to be, or not to be, that is the question:\nwhether 'tis nobler in the m
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_tiny_checkpoint(path, tokenizer, **overrides) -> None:
     """A few real optimizer steps through Lightning, so the checkpoint is what `fit` writes."""
     config = PicoGPTConfig(

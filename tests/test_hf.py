@@ -9,14 +9,6 @@ from picogpt_lightning.hf import from_hf, save_pretrained, to_hf
 TINY = dict(vocab_size=48, block_size=32, n_layer=2, n_embd=32, n_head=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(**overrides) -> PicoGPT:
     torch.manual_seed(0)
     model = PicoGPT(PicoGPTConfig(**{**TINY, **overrides})).eval()

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torchmetrics.text import Perplexity
 
+from picogpt_lightning.data.collate import IGNORE_INDEX
+from picogpt_lightning.data.tokenizer import CHECKPOINT_KEY as TOKENIZER_KEY
+from picogpt_lightning.data.tokenizer import Tokenizer
 from picogpt_lightning.model import PicoGPTConfig
 from picogpt_lightning.model.gpt import COMPILE_PREFIX, CONFIG_KEY
-
-TOKENIZER_KEY = "picogpt_tokenizer"
-IGNORE_INDEX = -100
 
 # checkpoints' hyperparameters hold a PicoGPTConfig; allowing it lets Lightning resume and
 # load_from_checkpoint read them with torch.load(weights_only=True), torch's default
@@ -216,8 +216,6 @@ class PicoGPTModule(L.LightningModule):
                 key.replace(COMPILE_PREFIX, ""): value for key, value in checkpoint["state_dict"].items()
             }
         if TOKENIZER_KEY in checkpoint and self.tokenizer is None:
-            from picogpt_lightning.data.tokenizer import Tokenizer
-
             self.tokenizer = Tokenizer.from_dict(checkpoint[TOKENIZER_KEY])
 
 
