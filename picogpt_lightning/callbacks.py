@@ -1,13 +1,16 @@
 """Lightning callbacks this project needs and Lightning lacks."""
 
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from picogpt_lightning.model.generation import resolve_generation_config
 from picogpt_lightning.text_generation import encode_prompts, generate_texts
+
+SAMPLING = {"do_sample": True, "temperature": 0.8}  # what samples use unless `generation` says otherwise
 
 
 class SampleGenerationCallback(Callback):
@@ -17,29 +20,25 @@ class SampleGenerationCallback(Callback):
     the model has changed. Generation runs on every rank (a sharded model needs all of
     them for a forward pass); only rank zero writes. Training's random state is untouched.
 
-    In a config: trainer.callbacks: [{class_path: picogpt_lightning.callbacks.SampleGenerationCallback,
-    init_args: {prompts: ["ROMEO:"], max_new_tokens: 100}}]
+    `generation` holds any further `transformers.GenerationConfig` fields (default: sampling at
+    temperature 0.8). In a config: trainer.callbacks: [{class_path:
+    picogpt_lightning.callbacks.SampleGenerationCallback, init_args: {prompts: ["ROMEO:"],
+    max_new_tokens: 100, generation: {top_k: 40}}}]
     """
 
     def __init__(
         self,
         prompts: Optional[List[str]] = None,
         max_new_tokens: int = 100,
-        do_sample: bool = True,
-        temperature: float = 0.8,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        num_beams: int = 1,
         seed: int = 1337,
+        generation: Optional[Dict[str, Any]] = None,
     ):
         super().__init__()
         self.prompts = list(prompts) if prompts else ["\n"]
         if max_new_tokens < 1:
             raise ValueError(f"SampleGenerationCallback.max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.options = dict(
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            num_beams=num_beams,
-        )
+        options = {**SAMPLING, **(generation or {}), "max_new_tokens": max_new_tokens}
+        self.generation_config = resolve_generation_config(**options)
         self.seed = seed
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -51,10 +50,11 @@ class SampleGenerationCallback(Callback):
             )
         input_ids, _ = encode_prompts(tokenizer, self.prompts)
         block_size = pl_module.model.config.block_size
-        if input_ids.shape[1] + self.options["max_new_tokens"] > block_size:
+        max_new_tokens = self.generation_config.max_new_tokens
+        if input_ids.shape[1] + max_new_tokens > block_size:
             raise ValueError(
                 f"SampleGenerationCallback: longest prompt ({input_ids.shape[1]} tokens) + max_new_tokens "
-                f"({self.options['max_new_tokens']}) exceeds block_size {block_size}; lower max_new_tokens"
+                f"({max_new_tokens}) exceeds block_size {block_size}; lower max_new_tokens"
             )
         if not any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
             rank_zero_warn("SampleGenerationCallback writes to TensorBoard, but no TensorBoardLogger is configured")
@@ -80,6 +80,6 @@ class SampleGenerationCallback(Callback):
         try:
             with torch.random.fork_rng(devices=cuda_devices):
                 torch.manual_seed(self.seed)
-                return generate_texts(model, pl_module.tokenizer, self.prompts, **self.options)
+                return generate_texts(model, pl_module.tokenizer, self.prompts, self.generation_config)
         finally:
             model.train(was_training)

@@ -27,60 +27,6 @@ def command(function: Callable) -> Callable:
     return function
 
 
-# ---- training: LightningCLI -------------------------------------------------------------
-
-
-def _lightning_cli_class():
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningCLI
-
-    class PicoGPTCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser):
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-            parser.set_defaults(
-                {
-                    "checkpoint.monitor": "val/loss",
-                    "checkpoint.mode": "min",
-                    "checkpoint.filename": "best",
-                    "checkpoint.save_top_k": 1,
-                    "checkpoint.save_last": True,
-                    "checkpoint.auto_insert_metric_name": False,
-                }
-            )
-            # the tokenizer decides the vocabulary: the model takes its size from the data
-            parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size", apply_on="instantiate")
-
-    return PicoGPTCLI
-
-
-def run_lightning(args: List[str]):
-    """Runs LightningCLI and returns it (its .model and .trainer hold the finished run)."""
-    import torch.distributed as dist
-    from lightning import LightningDataModule
-
-    from picogpt_lightning.modules import PicoGPTModule
-
-    cli = _lightning_cli_class()(
-        PicoGPTModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=1337,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "runs", "name": "picogpt"},
-            }
-        },
-        args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given its own argv
-    )
-    # a `ddp` process group left alive until interpreter exit can abort the process there
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    return cli
-
-
 # ---- the project's own commands ---------------------------------------------------------
 
 
@@ -152,23 +98,24 @@ def generate(
         device: "cpu", "cuda" or any torch device.
     """
     import torch
-
+    from picogpt_lightning import checkpoints
     from picogpt_lightning.data.tokenizer import Tokenizer
     from picogpt_lightning.model import PicoGPT
+    from picogpt_lightning.model.generation import resolve_generation_config
     from picogpt_lightning.text_generation import encode_prompts, generate_texts
 
     prompts = read_prompts(prompt, prompts_file)
-    model = PicoGPT.from_checkpoint(ckpt).eval().to(device)
-    tokenizer = Tokenizer.from_checkpoint(ckpt)
+    checkpoint = checkpoints.load(ckpt)  # read once: weights, config and tokenizer
+    model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval().to(device), Tokenizer.from_checkpoint(checkpoint)
     if max_new_tokens is None:
         longest = max(len(tokenizer.encode(text)) for text in prompts)
         max_new_tokens = max(1, model.config.block_size - longest)  # a prompt too long still gets its one-line error
-    torch.manual_seed(seed)
-    options = dict(
+    generation_config = resolve_generation_config(
         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, num_beams=num_beams, num_return_sequences=num_return_sequences,
         length_penalty=length_penalty, early_stopping=early_stopping,
     )
+    torch.manual_seed(seed)
     if stream and do_sample and num_beams == 1 and num_return_sequences == 1:
         from transformers import TextStreamer
 
@@ -178,9 +125,12 @@ def generate(
                 print("-" * 40)
             input_ids, _ = encode_prompts(tokenizer, [text], device)
             streamer = TextStreamer(tokenizer.hf, skip_special_tokens=True)
-            model.generate(input_ids, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, streamer=streamer, **options)
+            model.generate(
+                input_ids, generation_config=generation_config, streamer=streamer, eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         return
-    texts = generate_texts(model, tokenizer, prompts, stop_at_eos=stop_at_eos, **options)
+    texts = generate_texts(model, tokenizer, prompts, generation_config, stop_at_eos=stop_at_eos)
     for number, text in enumerate(texts):
         if number:
             print("-" * 40)
@@ -244,6 +194,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         if name in COMMANDS:
             run_command(name, rest)
         elif name in LIGHTNING_SUBCOMMANDS:
+            from picogpt_lightning.training import run_lightning
+
             run_lightning([name] + rest)
         else:
             print_help()

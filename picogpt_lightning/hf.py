@@ -175,13 +175,14 @@ def export_checkpoint(checkpoint_path: str, directory: str, overwrite: bool = Fa
 
     Written to a temporary sibling first, so a failure never leaves a half-written export.
     """
+    from picogpt_lightning import checkpoints
     from picogpt_lightning.data.tokenizer import Tokenizer
 
     target = Path(directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise ValueError(f"{directory} already exists and is not empty; choose another --out or pass --overwrite true")
-    model = PicoGPT.from_checkpoint(checkpoint_path).eval()
-    tokenizer = Tokenizer.from_checkpoint(checkpoint_path)
+    checkpoint = checkpoints.load(checkpoint_path)
+    model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval(), Tokenizer.from_checkpoint(checkpoint)
     llama_config(model.config)  # refuse a model llama cannot express before writing anything
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)

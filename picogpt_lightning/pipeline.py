@@ -15,7 +15,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from picogpt_lightning import checkpoints
 from picogpt_lightning.data.collate import IGNORE_INDEX
+from picogpt_lightning.data.tokenizer import Tokenizer
 from picogpt_lightning.model import PicoGPT
 from picogpt_lightning.modules.base import next_token_loss
 
@@ -51,7 +53,7 @@ def run_pipeline(
     progress_bar: bool = True,
 ) -> Tuple[List[StageResult], str]:
     """Runs the three stages, prints the table of val losses and a sample; returns both."""
-    from picogpt_lightning.cli import run_lightning
+    from picogpt_lightning.training import run_lightning
 
     if size not in ("cpu", "full"):
         raise ValueError(f"size must be 'cpu' or 'full', got {size!r}")
@@ -123,13 +125,11 @@ def evaluate(name: str, checkpoint_path: Path) -> StageResult:
     """Mean next-token cross-entropy of the final weights over the validation windows the run used."""
     from picogpt_lightning.data import TinyShakespeareDataModule
 
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    # the data module's own arguments, without the class path LightningCLI stores beside them
-    data_args = {k: v for k, v in checkpoint["datamodule_hyper_parameters"].items() if not k.startswith("_")}
-    datamodule = TinyShakespeareDataModule(**data_args)
+    checkpoint = checkpoints.load(str(checkpoint_path))
+    datamodule = TinyShakespeareDataModule(**checkpoint.datamodule_hparams)
     datamodule.setup("validate")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = PicoGPT.from_checkpoint(str(checkpoint_path)).to(device).eval()
+    model = PicoGPT.from_checkpoint(checkpoint).to(device).eval()
     total, tokens = 0.0, 0
     with torch.no_grad():
         for batch in datamodule.val_dataloader():
@@ -138,14 +138,12 @@ def evaluate(name: str, checkpoint_path: Path) -> StageResult:
             batch_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
             total += next_token_loss(logits, batch["labels"]).item() * batch_tokens
             tokens += batch_tokens
-    return StageResult(name, model.num_parameters(), int(checkpoint["global_step"]), total / tokens)
+    return StageResult(name, model.num_parameters(), checkpoint.global_step, total / tokens)
 
 
 def sample(checkpoint_path: Path, prompt: str, max_new_tokens: int) -> str:
-    from picogpt_lightning.data import Tokenizer
-
-    model = PicoGPT.from_checkpoint(str(checkpoint_path)).eval()
-    tokenizer = Tokenizer.from_checkpoint(checkpoint_path)
+    checkpoint = checkpoints.load(str(checkpoint_path))
+    model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval(), Tokenizer.from_checkpoint(checkpoint)
     torch.manual_seed(1337)
     ids = torch.tensor([tokenizer.encode(prompt)])
     target_length = ids.shape[1] + max_new_tokens

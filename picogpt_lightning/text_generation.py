@@ -44,15 +44,19 @@ def decode_outputs(tokenizer, outputs: torch.Tensor, attention_mask: torch.Tenso
     return texts
 
 
-def generate_texts(model: PicoGPT, tokenizer, prompts: Sequence[str], stop_at_eos: bool = True, **options) -> List[str]:
+def generate_texts(
+    model: PicoGPT, tokenizer, prompts: Sequence[str], generation_config=None, stop_at_eos: bool = True, **options
+) -> List[str]:
     """Continues every prompt in one batch; returns num_return_sequences texts per prompt, prompt by prompt.
 
-    `options` are PicoGPT.generate's arguments; eos and pad ids come from the tokenizer.
+    `generation_config` (a transformers.GenerationConfig) and `options` are PicoGPT.generate's;
+    eos and pad ids come from the tokenizer.
     """
     device = next(model.parameters()).device
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, device)
     eos = tokenizer.eos_token_id if stop_at_eos else None
     outputs = model.generate(
-        input_ids, attention_mask=attention_mask, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, **options
+        input_ids, attention_mask=attention_mask, generation_config=generation_config, eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id, **options,
     )
     return decode_outputs(tokenizer, outputs, attention_mask, eos)

@@ -3,7 +3,7 @@
 import torch
 
 from picogpt_lightning import PicoGPT
-from picogpt_lightning.model.gpt import COMPILE_PREFIX
+from picogpt_lightning.checkpoints import COMPILE_PREFIX
 from picogpt_lightning.modules import LanguageModelModule
 from tiny_training import BLOCK_SIZE, quiet_trainer, seed_everything, tiny_config, tiny_datamodule
 

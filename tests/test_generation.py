@@ -6,12 +6,31 @@ import torch.nn.functional as F
 
 from picogpt_lightning import PicoGPT, PicoGPTConfig
 from picogpt_lightning.hf import to_hf
-from picogpt_lightning.model.generation import (
-    LogitsProcessor,
-    apply_repetition_penalty,
-    top_k_filter,
-    top_p_filter,
-)
+from picogpt_lightning.model.generation import logits_processors, resolve_generation_config
+
+
+def process(scores, sequences, counted_positions=None, min_tokens_to_keep=1, **options):
+    """The project's logits processing for these generation options, as generate applies it."""
+    processors = logits_processors(resolve_generation_config(**options), min_tokens_to_keep)
+    return processors(sequences, scores, counted_positions=counted_positions)
+
+
+def apply_repetition_penalty(scores, sequences, penalty, counted_positions=None):
+    return process(scores, sequences, counted_positions, repetition_penalty=penalty)
+
+
+def top_k_filter(scores, top_k, min_tokens_to_keep=1):
+    return process(scores, scores.long(), None, min_tokens_to_keep, do_sample=True, top_k=top_k)
+
+
+def top_p_filter(scores, top_p, min_tokens_to_keep=1):
+    return process(scores, scores.long(), None, min_tokens_to_keep, do_sample=True, top_p=top_p)
+
+
+def LogitsProcessor(do_sample, temperature, top_k, top_p, repetition_penalty):  # noqa: N802 - the old name
+    options = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty)
+    return lambda scores, sequences: process(scores, sequences, **options)
 
 VOCAB = 40
 PROMPT_PAD = 1  # the token under left padding (masked out, so its value must not matter)

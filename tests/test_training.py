@@ -10,7 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from picogpt_lightning import PicoGPT, PicoGPTConfig
-from picogpt_lightning.cli import run_lightning
+from picogpt_lightning.training import run_lightning
 from picogpt_lightning.data import Tokenizer
 from picogpt_lightning.modules import LanguageModelModule
 from picogpt_lightning.modules.base import warmup_cosine
@@ -91,7 +91,7 @@ def test_cli_fit_writes_checkpoints_events_and_config(tiny_run):
     events = EventAccumulator(str(log_dir))
     events.Reload()
     tags = events.Tags()["scalars"]
-    assert {"train/loss", "val/loss", "val/ppl", "lr"} <= set(tags)
+    assert {"train/loss", "val/loss", "val/ppl", "lr/weight_decay", "lr/no_weight_decay"} <= set(tags)
     assert len(events.Scalars("train/loss")) == 6
     assert cli.model.config.vocab_size == 65  # linked from the char tokenizer
 

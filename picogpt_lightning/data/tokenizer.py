@@ -16,7 +16,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
 MIN_BPE_VOCAB_SIZE = 256 + 1  # every byte, plus EOS_TOKEN
-CHECKPOINT_KEY = "picogpt_tokenizer"  # where LightningModules store to_dict() in a checkpoint
 _KIND_KEY = "picogpt_kind"  # saved in tokenizer_config.json so load() knows the kind again
 
 
@@ -97,20 +96,11 @@ class Tokenizer:
         return cls(hf.init_kwargs.get(_KIND_KEY, str(directory)), hf)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike) -> Tokenizer:
-        """The tokenizer a picogpt_lightning module stored in its checkpoint."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt file")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise ValueError(f"cannot read checkpoint {path} ({_first_line(err)}); is it a torch checkpoint?") from err
-        if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
-            raise ValueError(
-                f"checkpoint {path} has no {CHECKPOINT_KEY!r} entry; it was not saved by a picogpt_lightning "
-                "module, so build the tokenizer explicitly"
-            )
-        return cls.from_dict(checkpoint[CHECKPOINT_KEY])
+    def from_checkpoint(cls, path) -> Tokenizer:
+        """The tokenizer a picogpt_lightning module stored in its checkpoint (a path or a `checkpoints.Checkpoint`)."""
+        from picogpt_lightning import checkpoints
+
+        return cls.from_dict(checkpoints.load(path).require_tokenizer_dict())
 
     def _encoding_error(self, texts: list[str], err: Exception) -> ValueError:
         vocab = self.hf.get_vocab()

@@ -15,49 +15,55 @@ One deliberate difference: transformers' beam search fills the tail of a hypothe
 ended early with eos instead of pad when pad_token_id is 0 (it tests the id for truth);
 here the filler is always pad_token_id, as in its greedy and sampling modes.
 
-Beam search keeps the beams as a batch dimension: every step scores all beams of all
-prompts in one forward pass and reorders the cache with one index_select.
-Pure torch: nothing here imports Lightning or transformers.
+The settings are one `transformers.GenerationConfig`; keyword arguments update a copy of
+it, as in transformers, and fields it leaves unset take this project's `DEFAULTS`. Logits
+are processed by transformers' own processors. Beam search keeps the beams as a batch
+dimension: every step scores all beams of all prompts in one forward pass and reorders
+the cache with one index_select. Nothing here imports Lightning.
 """
 
-from typing import List, Optional, Sequence, Union
+import copy
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from transformers import GenerationConfig
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 # transformers' "impossible" beam score: finite, so sums and orderings stay well defined
 IMPOSSIBLE = -1.0e9
+
+# what an unset GenerationConfig field means here (transformers' own top_k default is 50; here None is no top-k)
+DEFAULTS = dict(
+    max_new_tokens=32, do_sample=False, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+    num_beams=1, num_return_sequences=1, length_penalty=1.0, early_stopping=False, use_cache=True,
+)
 
 
 def generate(
     model,
     input_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor] = None,
-    max_new_tokens: int = 32,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    repetition_penalty: float = 1.0,
-    num_beams: int = 1,
-    num_return_sequences: int = 1,
-    length_penalty: float = 1.0,
-    early_stopping: Union[bool, str] = False,
-    eos_token_id: Optional[Union[int, Sequence[int]]] = None,
-    pad_token_id: Optional[int] = None,
-    use_cache: bool = True,
+    generation_config: Optional[GenerationConfig] = None,
     streamer=None,
+    **kwargs,
 ) -> torch.LongTensor:
     """Continues each prompt by up to max_new_tokens tokens; see the module docstring for the rules.
 
     `streamer` (greedy and sampling only) is anything with transformers' streamer interface:
     `put(token_ids)` is called with the prompt, then with each step's new tokens, and `end()` last.
     """
-    eos = normalize_eos(eos_token_id)
-    validate_arguments(
-        model.config, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-        repetition_penalty, num_beams, num_return_sequences, early_stopping, eos, pad_token_id, streamer,
-    )
+    config = resolve_generation_config(generation_config, **kwargs)
+    validate_inputs(model.config, config, input_ids, attention_mask, streamer)
+    eos = normalize_eos(config.eos_token_id)
+    pad_token_id = config.pad_token_id
     input_ids = input_ids.long()
     if pad_token_id is None and eos:
         pad_token_id = eos[0]  # finished sequences are filled with eos, as transformers does
@@ -65,26 +71,45 @@ def generate(
         attention_mask = padding_mask_from_pad_token(input_ids, pad_token_id, eos)
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: the model's unmasked path is faster and identical
-    processor = LogitsProcessor(
-        do_sample, temperature, top_k, top_p, repetition_penalty,
-        # beam sampling keeps room for a non-eos continuation, as transformers does
-        min_tokens_to_keep=1 + max(1, len(eos)) if num_beams > 1 else 1,
+    num_beams, num_return_sequences = config.num_beams, config.num_return_sequences
+    # beam sampling keeps room for a non-eos continuation, as transformers does
+    processors = logits_processors(config, min_tokens_to_keep=1 + max(1, len(eos)) if num_beams > 1 else 1)
+    scorer = NextTokenScorer(model, config.use_cache)
+    common = dict(
+        scorer=scorer, processors=processors, max_new_tokens=config.max_new_tokens, eos=eos,
+        pad_token_id=pad_token_id, do_sample=config.do_sample,
     )
-    scorer = NextTokenScorer(model, use_cache)
-    common = dict(scorer=scorer, processor=processor, max_new_tokens=max_new_tokens, eos=eos, pad_token_id=pad_token_id)
     if num_beams == 1:
         if num_return_sequences > 1:  # independent samples of each prompt
             input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
             if attention_mask is not None:
                 attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
-        return greedy_or_sample(input_ids, attention_mask, do_sample=do_sample, streamer=streamer, **common)
+        return greedy_or_sample(input_ids, attention_mask, streamer=streamer, **common)
     return beam_search(
         input_ids, attention_mask, num_beams=num_beams, num_return_sequences=num_return_sequences,
-        length_penalty=length_penalty, early_stopping=early_stopping, do_sample=do_sample, **common,
+        length_penalty=config.length_penalty, early_stopping=config.early_stopping, **common,
     )
 
 
-# ---- inputs -----------------------------------------------------------------------------
+# ---- settings and inputs ----------------------------------------------------------------
+
+
+def resolve_generation_config(generation_config: Optional[GenerationConfig] = None, **kwargs) -> GenerationConfig:
+    """A copy of `generation_config` (or a fresh one) updated by `kwargs`, unset fields filled from DEFAULTS."""
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        raise ValueError(
+            f"generation_config must be a transformers.GenerationConfig, got {type(generation_config).__name__}"
+        )
+    config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    unknown = sorted(name for name in kwargs if not hasattr(config, name))
+    if unknown:
+        raise ValueError(f"unknown generation option(s) {unknown}; see transformers.GenerationConfig for the names")
+    for name, value in kwargs.items():
+        setattr(config, name, value)
+    for name, value in DEFAULTS.items():
+        if getattr(config, name) is None:
+            setattr(config, name, value)
+    return config
 
 
 def normalize_eos(eos_token_id) -> List[int]:
@@ -95,11 +120,11 @@ def normalize_eos(eos_token_id) -> List[int]:
     return [int(token) for token in eos_token_id]
 
 
-def validate_arguments(
-    config, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-    repetition_penalty, num_beams, num_return_sequences, early_stopping, eos, pad_token_id, streamer,
-) -> None:
-    """One-line ValueErrors naming the argument; sampling arguments are checked only when sampling."""
+def validate_inputs(model_config, config: GenerationConfig, input_ids, attention_mask, streamer) -> None:
+    """One-line ValueErrors naming the argument; sampling arguments are checked only when sampling.
+
+    transformers' own `GenerationConfig.validate` runs last, for the combinations it knows.
+    """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError("input_ids must be a 2-D integer tensor (batch, prompt length)")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -108,39 +133,45 @@ def validate_arguments(
         raise ValueError(
             f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
         )
+    max_new_tokens = config.max_new_tokens
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     total = input_ids.shape[1] + max_new_tokens
-    if total > config.block_size:
+    if total > model_config.block_size:
         raise ValueError(
             f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
-            f"model's block_size {config.block_size}; shorten the prompt or lower max_new_tokens"
+            f"model's block_size {model_config.block_size}; shorten the prompt or lower max_new_tokens"
         )
-    if do_sample:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r} (use do_sample=False for greedy)")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
-            raise ValueError(f"top_k must be a non-negative integer (0 or None: no top-k), got {top_k!r}")
-        if top_p is not None and not 0.0 <= top_p <= 1.0:
-            raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1.0: no penalty), got {repetition_penalty!r}")
-    if not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
-    if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
-        raise ValueError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
-    if num_beams == 1 and not do_sample and num_return_sequences > 1:
+    if config.do_sample:
+        if not config.temperature > 0:
+            raise ValueError(
+                f"temperature must be > 0 when sampling, got {config.temperature!r} (use do_sample=False for greedy)"
+            )
+        if config.top_k is not None and (not isinstance(config.top_k, int) or config.top_k < 0):
+            raise ValueError(f"top_k must be a non-negative integer (0 or None: no top-k), got {config.top_k!r}")
+        if config.top_p is not None and not 0.0 <= config.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {config.top_p!r}")
+    if not config.repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1.0: no penalty), got {config.repetition_penalty!r}")
+    for name in ("num_beams", "num_return_sequences"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if config.num_beams == 1 and not config.do_sample and config.num_return_sequences > 1:
         raise ValueError("greedy decoding returns one sequence per prompt; use do_sample=True or num_beams > 1")
-    if num_beams > 1 and num_return_sequences > num_beams:
-        raise ValueError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})")
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    for name, tokens in (("eos_token_id", eos), ("pad_token_id", [] if pad_token_id is None else [pad_token_id])):
+    if config.early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {config.early_stopping!r}")
+    pad = [] if config.pad_token_id is None else [config.pad_token_id]
+    for name, tokens in (("eos_token_id", normalize_eos(config.eos_token_id)), ("pad_token_id", pad)):
         for token in tokens:
-            if not 0 <= token < config.vocab_size:
-                raise ValueError(f"{name} {token} is outside the vocabulary [0, {config.vocab_size})")
-    if streamer is not None and num_beams > 1:
+            if not 0 <= token < model_config.vocab_size:
+                raise ValueError(f"{name} {token} is outside the vocabulary [0, {model_config.vocab_size})")
+    if streamer is not None and config.num_beams > 1:
         raise ValueError("a streamer shows one token per step and cannot follow beam search; use num_beams=1")
+    try:
+        config.validate()
+    except ValueError as error:
+        raise ValueError(str(error).strip().splitlines()[0]) from None
 
 
 def padding_mask_from_pad_token(input_ids, pad_token_id, eos) -> Optional[torch.Tensor]:
@@ -148,6 +179,45 @@ def padding_mask_from_pad_token(input_ids, pad_token_id, eos) -> Optional[torch.
     if pad_token_id is None or pad_token_id in eos or not bool((input_ids == pad_token_id).any()):
         return None
     return (input_ids != pad_token_id).long()
+
+
+# ---- logits processing: transformers' processors ---------------------------------------------
+
+
+def logits_processors(config: GenerationConfig, min_tokens_to_keep: int = 1) -> LogitsProcessorList:
+    """transformers' processing of next-token scores, in its order: repetition penalty, then
+    (sampling only) temperature, top-k, top-p. Call as processors(sequences, scores, counted_positions=mask)."""
+    processors = LogitsProcessorList()
+    if config.repetition_penalty != 1.0:
+        processors.append(PaddingAwareRepetitionPenalty(config.repetition_penalty))
+    if config.do_sample:
+        if config.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k:
+            processors.append(TopKLogitsWarper(config.top_k, min_tokens_to_keep=min_tokens_to_keep))
+        if config.top_p is not None and config.top_p < 1.0:
+            processors.append(TopPLogitsWarper(config.top_p, min_tokens_to_keep=min_tokens_to_keep))
+    return processors
+
+
+class PaddingAwareRepetitionPenalty(LogitsProcessor):
+    """transformers' repetition penalty, with prompt padding left out of "already in the sequence".
+
+    transformers' processor counts every id in the sequence, so a pad id that is also a real
+    token would be penalised for padding; here uncounted positions point at one extra score
+    column, penalised and dropped again. Kept by hand for that correctness only.
+    """
+
+    def __init__(self, penalty: float):
+        self.penalty = RepetitionPenaltyLogitsProcessor(penalty)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, counted_positions=None) -> torch.Tensor:
+        if counted_positions is None:
+            return self.penalty(input_ids, scores)
+        vocab_size = scores.shape[-1]
+        tokens = input_ids.masked_fill(counted_positions == 0, vocab_size)
+        padded_scores = torch.cat((scores, scores.new_zeros(scores.shape[0], 1)), dim=-1)
+        return self.penalty(tokens, padded_scores)[:, :vocab_size]
 
 
 # ---- scoring the next token ---------------------------------------------------------------
@@ -180,59 +250,6 @@ class NextTokenScorer:
             self.cache = tuple((keys[rows], values[rows]) for keys, values in self.cache)
 
 
-class LogitsProcessor:
-    """transformers' processing of next-token scores, in its order; each step is a formula below."""
-
-    def __init__(self, do_sample, temperature, top_k, top_p, repetition_penalty, min_tokens_to_keep=1):
-        self.repetition_penalty = repetition_penalty
-        self.temperature = temperature if do_sample else 1.0
-        self.top_k = top_k if do_sample else None
-        self.top_p = top_p if do_sample else None
-        self.min_tokens_to_keep = min_tokens_to_keep
-
-    def __call__(self, scores, sequences, counted_positions=None):
-        if self.repetition_penalty != 1.0:
-            scores = apply_repetition_penalty(scores, sequences, self.repetition_penalty, counted_positions)
-        if self.temperature != 1.0:
-            scores = scores / self.temperature
-        if self.top_k:
-            scores = top_k_filter(scores, self.top_k, self.min_tokens_to_keep)
-        if self.top_p is not None and self.top_p < 1.0:
-            scores = top_p_filter(scores, self.top_p, self.min_tokens_to_keep)
-        return scores
-
-
-def apply_repetition_penalty(scores, sequences, penalty, counted_positions=None):
-    """Each token already in the sequence: score / penalty if the score is positive, score * penalty if negative.
-
-    `counted_positions` (1 = counts) leaves prompt padding out of "already in the sequence".
-    """
-    vocab_size = scores.shape[-1]
-    tokens = sequences if counted_positions is None else sequences.masked_fill(counted_positions == 0, vocab_size)
-    seen = torch.zeros(scores.shape[0], vocab_size + 1, dtype=torch.bool, device=scores.device)
-    seen.scatter_(1, tokens, True)  # column vocab_size collects the uncounted positions
-    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return torch.where(seen[:, :vocab_size], penalized, scores)
-
-
-def top_k_filter(scores, top_k, min_tokens_to_keep=1):
-    """Keeps the k highest scores (ties with the k-th included), the rest become -inf."""
-    k = min(max(top_k, min_tokens_to_keep), scores.shape[-1])
-    kth_best = torch.topk(scores, k, dim=-1).values[..., -1:]
-    return scores.masked_fill(scores < kth_best, float("-inf"))
-
-
-def top_p_filter(scores, top_p, min_tokens_to_keep=1):
-    """Keeps the smallest set of most likely tokens whose probabilities sum to at least top_p."""
-    sorted_scores, order = torch.sort(scores, descending=False)
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    # dropped: the unlikely tail whose total mass is at most 1 - top_p
-    drop_sorted = cumulative <= (1 - top_p)
-    drop_sorted[..., -min_tokens_to_keep:] = False
-    drop = drop_sorted.scatter(1, order, drop_sorted)
-    return scores.masked_fill(drop, float("-inf"))
-
-
 def extend_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The mask after one more (real) token."""
     if attention_mask is None:
@@ -244,7 +261,7 @@ def extend_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor
 
 
 def greedy_or_sample(
-    input_ids, attention_mask, scorer, processor, max_new_tokens, eos, pad_token_id, do_sample, streamer
+    input_ids, attention_mask, scorer, processors, max_new_tokens, eos, pad_token_id, do_sample, streamer
 ):
     """One token per step: the most likely one, or a draw from the processed distribution."""
     sequences = input_ids
@@ -253,7 +270,7 @@ def greedy_or_sample(
     if streamer is not None:
         streamer.put(input_ids.cpu())
     for _ in range(max_new_tokens):
-        scores = processor(scorer(sequences, attention_mask), sequences, attention_mask)
+        scores = processors(sequences, scorer(sequences, attention_mask), counted_positions=attention_mask)
         if do_sample:
             next_tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
@@ -277,7 +294,7 @@ def greedy_or_sample(
 
 
 def beam_search(
-    input_ids, attention_mask, scorer, processor, max_new_tokens, eos, pad_token_id,
+    input_ids, attention_mask, scorer, processors, max_new_tokens, eos, pad_token_id,
     num_beams, num_return_sequences, length_penalty, early_stopping, do_sample,
 ):
     """transformers' beam search, all prompts and beams as one batch of batch * num_beams rows.
@@ -320,7 +337,7 @@ def beam_search(
             scorer.select_rows(torch.arange(batch, device=device).repeat_interleave(num_beams))
         else:
             logits = scorer(rows, beam_mask)
-        log_probs = processor(F.log_softmax(logits, dim=-1), rows, beam_mask)
+        log_probs = processors(rows, F.log_softmax(logits, dim=-1), counted_positions=beam_mask)
         vocab_size = log_probs.shape[-1]
         totals = (log_probs.view(batch, num_beams, vocab_size) + running_scores[:, :, None]).view(batch, -1)
 

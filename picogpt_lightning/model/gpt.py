@@ -1,9 +1,8 @@
 """PicoGPT: token embedding -> pre-norm blocks -> final RMSNorm -> lm_head."""
 
 import math
-import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -11,11 +10,6 @@ from torch import nn
 from picogpt_lightning.model import generation
 from picogpt_lightning.model.config import PicoGPTConfig
 from picogpt_lightning.model.layers import Block, KVCache, RotaryEmbedding, build_attention_mask, make_dropout
-
-# keys a checkpoint of this project stores beside the weights (see modules/base.py)
-CONFIG_KEY = "picogpt_config"
-COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps modules under this attribute name
-
 
 @dataclass
 class PicoGPTOutput:
@@ -111,33 +105,20 @@ class PicoGPT(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        repetition_penalty: float = 1.0,
-        num_beams: int = 1,
-        num_return_sequences: int = 1,
-        length_penalty: float = 1.0,
-        early_stopping: Union[bool, str] = False,
-        eos_token_id: Optional[Union[int, Sequence[int]]] = None,
-        pad_token_id: Optional[int] = None,
-        use_cache: bool = True,
+        generation_config=None,
         streamer=None,
+        **kwargs,
     ) -> torch.LongTensor:
         """Greedy, sampling or beam-search decoding with transformers' arguments and semantics.
 
-        Returns (batch * num_return_sequences, prompt + generated) token ids; see
+        `generation_config` is a `transformers.GenerationConfig`; keyword arguments
+        (max_new_tokens=32, do_sample=False, temperature=1.0, top_k=None, top_p=None,
+        repetition_penalty=1.0, num_beams=1, num_return_sequences=1, length_penalty=1.0,
+        early_stopping=False, eos_token_id=None, pad_token_id=None, use_cache=True) update a
+        copy of it. Returns (batch * num_return_sequences, prompt + generated) token ids; see
         `picogpt_lightning.model.generation` for the rules.
         """
-        return generation.generate(
-            self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-            num_beams=num_beams, num_return_sequences=num_return_sequences, length_penalty=length_penalty,
-            early_stopping=early_stopping, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            use_cache=use_cache, streamer=streamer,
-        )
+        return generation.generate(self, input_ids, attention_mask, generation_config, streamer, **kwargs)
 
     def _neftune(self, embeddings: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """NEFTune: uniform noise in [-a, a], a = alpha / sqrt(L * d), L = real tokens of each sequence."""
@@ -152,38 +133,27 @@ class PicoGPT(nn.Module):
         noise = torch.empty_like(embeddings).uniform_(-1.0, 1.0) * bound[:, None, None]
         return embeddings + noise * keep  # pads stay clean: they are not part of the sequence
 
-    # ---- saving and loading ----------------------------------------------------------
+    # ---- saving and loading: the file formats live in picogpt_lightning/checkpoints.py --------
 
     def save(self, path: str) -> None:
         """Writes config and weights in one file that `from_checkpoint` reads (atomically)."""
-        payload = {CONFIG_KEY: self.config.to_dict(), "state_dict": self.state_dict()}
-        tmp = f"{path}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        from picogpt_lightning import checkpoints
+
+        checkpoints.save(path, self)
 
     @classmethod
-    def from_checkpoint(cls, path: str, config: Optional[PicoGPTConfig] = None, strict: bool = True) -> "PicoGPT":
+    def from_checkpoint(cls, path, config: Optional[PicoGPTConfig] = None, strict: bool = True) -> "PicoGPT":
         """Rebuilds a model from a Lightning .ckpt of any module here, or from `PicoGPT.save`.
 
-        A bare state dict needs `config`. Weights of a teacher or reference model stored in
-        the same checkpoint are left out: only the trained model (attribute `model`) is read.
+        `path` may also be a `checkpoints.Checkpoint` already read. A bare state dict needs
+        `config`; with a stored config, `config` must describe the same architecture
+        (training-only fields such as dropout may differ).
         """
-        checkpoint = load_checkpoint_file(path)
-        if config is None:
-            stored = checkpoint.get(CONFIG_KEY) if isinstance(checkpoint, dict) else None
-            if stored is None:
-                raise ValueError(
-                    f"{path} holds no model config ('{CONFIG_KEY}'); pass config=PicoGPTConfig(...) "
-                    "or load a checkpoint written by this project"
-                )
-            config = PicoGPTConfig.from_dict(stored)
-        model = cls(config)
-        state_dict = extract_model_state_dict(checkpoint)
-        try:
-            model.load_state_dict(state_dict, strict=strict)
-        except RuntimeError as error:
-            first_line = str(error).strip().splitlines()[0]
-            raise ValueError(f"{path} does not match the model config: {first_line}") from None
+        from picogpt_lightning import checkpoints
+
+        checkpoint = checkpoints.load(path)
+        model = cls(checkpoint.resolve_config(config))
+        checkpoint.load_weights(model, strict=strict)
         return model
 
 
@@ -195,33 +165,3 @@ def positions_from_mask(
         return torch.arange(past_len, past_len + length, device=device).expand(batch, length)
     positions = attention_mask.long().cumsum(dim=-1) - 1
     return positions.clamp(min=0)[:, past_len:]
-
-
-def load_checkpoint_file(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}; check the path (runs write them under checkpoints/)")
-    try:
-        # full unpickling: Lightning checkpoints carry hyperparameters and loop state
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise ValueError(
-            f"{path} is not a readable checkpoint ({type(error).__name__}); it may be truncated or corrupted"
-        ) from None
-
-
-def extract_model_state_dict(checkpoint: dict) -> dict:
-    """The trained model's weights, without Lightning's `model.` or torch.compile's `_orig_mod.` prefixes."""
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state_dict, dict):
-        raise ValueError("checkpoint holds no state dict")
-    is_lightning = any(key.startswith("model.") for key in state_dict)
-    cleaned = {}
-    for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        if is_lightning:
-            if not key.startswith("model."):
-                continue  # a teacher, a reference model, a projection: not part of the model
-            key = key[len("model.") :]
-        cleaned[key.replace(COMPILE_PREFIX, "")] = value
-    return cleaned

@@ -109,16 +109,13 @@ class CausalSelfAttention(nn.Module):
             v = torch.cat((past_key_value[1], v), dim=2)
         present = (k, v) if use_cache else None
 
-        # each key/value head serves n_head / n_query_groups consecutive query heads (as transformers' repeat_kv)
-        group_size = self.n_head // self.n_query_groups
-        if group_size > 1:
-            k = k.repeat_interleave(group_size, dim=1)
-            v = v.repeat_interleave(group_size, dim=1)
-
         # without a mask, queries of a cached step see every past key: causal only matters without a cache
         is_causal = mask is None and past_key_value is None and T > 1
+        # enable_gqa: each key/value head serves n_head / n_query_groups consecutive query heads
+        # (transformers' repeat_kv layout) without copying keys and values per query head
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
+            enable_gqa=self.n_query_groups != self.n_head,
         )
         y = y.transpose(1, 2).reshape(B, T, H * self.head_size)
         return self.resid_dropout(self.proj(y)), present

@@ -11,18 +11,14 @@ from typing import Dict, Optional, Tuple
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torchmetrics.text import Perplexity
 
+from picogpt_lightning.checkpoints import CONFIG_KEY, STATE_DICT_KEY, TOKENIZER_KEY, strip_compile_prefix
 from picogpt_lightning.data.collate import IGNORE_INDEX
-from picogpt_lightning.data.tokenizer import CHECKPOINT_KEY as TOKENIZER_KEY
 from picogpt_lightning.data.tokenizer import Tokenizer
 from picogpt_lightning.model import PicoGPTConfig
-from picogpt_lightning.model.gpt import COMPILE_PREFIX, CONFIG_KEY
-
-# checkpoints' hyperparameters hold a PicoGPTConfig; allowing it lets Lightning resume and
-# load_from_checkpoint read them with torch.load(weights_only=True), torch's default
-torch.serialization.add_safe_globals([PicoGPTConfig])
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -115,8 +111,11 @@ class PicoGPTModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         losses, _ = self.compute_losses(batch)
         self._log_losses("train", losses, batch, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return losses["loss"]
+
+    def configure_callbacks(self):
+        # the learning rate of every step, in the logger's charts (the monitor needs a logger to write to)
+        return [LearningRateMonitor(logging_interval="step")] if self.trainer.loggers else []
 
     # Lightning's ThroughputMonitor reads `flops_per_batch` after each batch to report MFU
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -188,9 +187,10 @@ class PicoGPTModule(L.LightningModule):
                 continue  # frozen teachers and reference models are not optimized
             # matrices (linear, embedding) decay; gains and biases do not (nanoGPT's rule)
             (decay if id(param) in matrices else no_decay).append(param)
+        # the names label the groups' learning rates in the logs (LearningRateMonitor)
         groups = [
-            {"params": decay, "weight_decay": self.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": decay, "weight_decay": self.weight_decay, "name": "weight_decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_weight_decay"},
         ]
         trainer = self._trainer
         fused = fused_option(decay + no_decay) if fused_adamw_can_clip(trainer) else {}
@@ -200,7 +200,7 @@ class PicoGPTModule(L.LightningModule):
             optimizer,
             lambda step: warmup_cosine(step, self.warmup_steps, int(decay_steps), self.min_lr / self.learning_rate),
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
 
     # ---- checkpoints ------------------------------------------------------------------
 
@@ -211,10 +211,8 @@ class PicoGPTModule(L.LightningModule):
             checkpoint[TOKENIZER_KEY] = self.tokenizer.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "state_dict" in checkpoint:  # resuming from a run that wrapped the model in torch.compile
-            checkpoint["state_dict"] = {
-                key.replace(COMPILE_PREFIX, ""): value for key, value in checkpoint["state_dict"].items()
-            }
+        if STATE_DICT_KEY in checkpoint:  # resuming from a run that wrapped the model in torch.compile
+            checkpoint[STATE_DICT_KEY] = strip_compile_prefix(checkpoint[STATE_DICT_KEY])
         if TOKENIZER_KEY in checkpoint and self.tokenizer is None:
             self.tokenizer = Tokenizer.from_dict(checkpoint[TOKENIZER_KEY])
 

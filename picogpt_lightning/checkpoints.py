@@ -1,0 +1,186 @@
+"""The one place that reads and writes checkpoint files.
+
+Three formats hold a PicoGPT, and `load` reads each of them once into a `Checkpoint`:
+
+- a Lightning `.ckpt` of any module here: the trained model's weights under `state_dict`
+  with the `model.` prefix (a teacher's or reference model's weights, stored under other
+  prefixes, are left out), the model config and the tokenizer beside it;
+- a file written by `save` (and `PicoGPT.save`): config, weights and, when given, the tokenizer;
+- a bare state dict (`torch.save(model.state_dict(), path)`): weights only, so the caller
+  supplies the config.
+
+Files are read with `torch.load(weights_only=True)`: tensors, plain containers and this
+project's own config type only, so a planted pickle cannot run code. Everything else asks
+this module: the model package knows nothing of Lightning's layout.
+"""
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
+
+import torch
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+from picogpt_lightning.model.config import PicoGPTConfig
+
+CONFIG_KEY = "picogpt_config"  # PicoGPTConfig.to_dict()
+TOKENIZER_KEY = "picogpt_tokenizer"  # Tokenizer.to_dict()
+STATE_DICT_KEY = "state_dict"
+MODEL_PREFIX = "model."  # LightningModules here keep the trained PicoGPT as `self.model`
+COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps modules under this attribute name
+# fields that change how a model is trained, not what it computes: they may differ between
+# a stored config and the one a run asks for
+TRAINING_ONLY_FIELDS = ("dropout", "neftune_noise_alpha")
+
+# Lightning stores hyperparameters beside the weights, a PicoGPTConfig among them; allowing the
+# type lets torch.load(weights_only=True) read this project's checkpoints, Lightning's resume too
+torch.serialization.add_safe_globals([PicoGPTConfig])
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used, with the file's name and the fix in one line."""
+
+
+@dataclass
+class Checkpoint:
+    """What one checkpoint file holds, read once; `PicoGPT.from_checkpoint` and
+    `Tokenizer.from_checkpoint` accept it in place of a path, so a command reads a file once."""
+
+    path: str
+    state_dict: Dict[str, torch.Tensor]  # the trained model's weights, prefixes removed
+    config: Optional[PicoGPTConfig]  # None for a bare state dict
+    tokenizer_dict: Optional[dict]  # Tokenizer.to_dict(), when the file has one
+    contents: Dict[str, Any] = field(repr=False)  # the whole file, for what a recipe stored beside
+
+    @property
+    def global_step(self) -> int:
+        return int(self.contents.get("global_step", 0))
+
+    @property
+    def datamodule_hparams(self) -> Dict[str, Any]:
+        """The data module's own arguments, without the class path LightningCLI stores beside them."""
+        stored = self.contents.get("datamodule_hyper_parameters") or {}
+        return {key: value for key, value in stored.items() if not key.startswith("_")}
+
+    def require_tokenizer_dict(self) -> dict:
+        if self.tokenizer_dict is None:
+            raise CheckpointError(
+                f"{self.path} has no {TOKENIZER_KEY!r} entry: it was not saved by a picogpt_lightning module "
+                "with a tokenizer, so build the tokenizer explicitly"
+            )
+        return self.tokenizer_dict
+
+    def resolve_config(self, config: Optional[PicoGPTConfig] = None) -> PicoGPTConfig:
+        """The model's config: the stored one, or `config`, which must then describe the same architecture."""
+        if config is None:
+            if self.config is None:
+                raise CheckpointError(
+                    f"{self.path} holds no model config ({CONFIG_KEY!r}); pass config=PicoGPTConfig(...) "
+                    "or load a checkpoint written by this project"
+                )
+            return self.config
+        if self.config is not None:
+            check_same_architecture(self.config, config, self.path)
+        return config
+
+    def load_weights(self, model: torch.nn.Module, strict: bool = True) -> None:
+        if not self.state_dict:
+            raise CheckpointError(f"{self.path} holds no model weights; pass a checkpoint written by training or PicoGPT.save")
+        try:
+            model.load_state_dict(self.state_dict, strict=strict)
+        except RuntimeError as error:
+            raise CheckpointError(f"{self.path} does not match the model config: {describe_load_error(error)}") from None
+
+
+def load(path) -> Checkpoint:
+    """Reads a checkpoint file of any of the three formats (a Checkpoint passes through); one-line errors name the file."""
+    if isinstance(path, Checkpoint):
+        return path
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}; check the path (runs write them under checkpoints/)")
+    contents = read_file(path)
+    if not isinstance(contents, dict):
+        raise CheckpointError(f"{path} holds a {type(contents).__name__}, not a checkpoint of this project")
+    state_dict = model_state_dict(contents)
+    stored_config = contents.get(CONFIG_KEY)
+    config = None
+    if stored_config is not None:
+        try:
+            config = PicoGPTConfig.from_dict(dict(stored_config))
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{path} holds a model config this version cannot read: {error}") from None
+    return Checkpoint(path, state_dict, config, contents.get(TOKENIZER_KEY), contents)
+
+
+def read_file(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means one of two things to the user
+        if "GLOBAL" in str(error) or "Unsupported global" in str(error):  # a type outside the allow-list
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors and this project's types, and loading them "
+                "could run code; if you trust its source, re-save it with torch.load(path, weights_only=False) "
+                "and torch.save of its tensors"
+            ) from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(error).__name__}); it may be truncated or corrupted"
+        ) from None
+
+
+def model_state_dict(contents: dict) -> Dict[str, torch.Tensor]:
+    """The trained model's tensors, without Lightning's `model.` or torch.compile's `_orig_mod.` prefixes."""
+    state_dict = contents.get(STATE_DICT_KEY, contents)
+    if not isinstance(state_dict, dict):
+        return {}
+    tensors = {key: value for key, value in state_dict.items() if isinstance(value, torch.Tensor)}
+    if any(key.startswith(MODEL_PREFIX) for key in tensors):
+        # a Lightning checkpoint: only the trained model, not a teacher or a reference model beside it
+        tensors = {key: value for key, value in tensors.items() if key.startswith(MODEL_PREFIX)}
+        consume_prefix_in_state_dict_if_present(tensors, MODEL_PREFIX)
+    return strip_compile_prefix(tensors)
+
+
+def strip_compile_prefix(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    return {key.replace(COMPILE_PREFIX, ""): value for key, value in state_dict.items()}
+
+
+def architecture_differences(stored: PicoGPTConfig, requested: PicoGPTConfig) -> Dict[str, tuple]:
+    """{field: (stored, requested)} for every field that changes what the model computes."""
+    return {
+        f.name: (getattr(stored, f.name), getattr(requested, f.name))
+        for f in fields(PicoGPTConfig)
+        if f.name not in TRAINING_ONLY_FIELDS and getattr(stored, f.name) != getattr(requested, f.name)
+    }
+
+
+def check_same_architecture(stored: PicoGPTConfig, requested: PicoGPTConfig, path: str) -> None:
+    differences = architecture_differences(stored, requested)
+    if differences:
+        listed = ", ".join(f"{name} {a!r} (checkpoint) vs {b!r} (requested)" for name, (a, b) in differences.items())
+        raise CheckpointError(
+            f"{path} does not match the model config, its architecture differs: {listed}; use the checkpoint's config "
+            "(leave config unset) or a checkpoint of this architecture"
+        )
+
+
+def describe_load_error(error: RuntimeError) -> str:
+    """load_state_dict's message in one line: which keys are missing or unexpected, which shapes differ."""
+    lines = [line.strip() for line in str(error).strip().splitlines()[1:] if line.strip()]
+    summary = "; ".join(lines) or str(error).strip()
+    return summary if len(summary) <= 400 else summary[:400] + " ..."
+
+
+def save(path, model: torch.nn.Module, tokenizer=None, **extra: Any) -> None:
+    """Writes config, weights, the tokenizer (if given) and `extra` entries atomically: a file is whole or absent."""
+    payload = {CONFIG_KEY: model.config.to_dict(), STATE_DICT_KEY: model.state_dict(), **extra}
+    if tokenizer is not None:
+        payload[TOKENIZER_KEY] = tokenizer.to_dict()
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,59 @@
+"""Running LightningCLI: the one way every recipe trains, from the command line or the pipeline.
+
+Kept apart from `cli.py` (the command-line entry point) and `pipeline.py` (which runs
+several trainings), so both can call it without importing each other.
+"""
+
+import sys
+from typing import List
+
+
+def picogpt_cli_class():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI
+
+    class PicoGPTCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults(
+                {
+                    "checkpoint.monitor": "val/loss",
+                    "checkpoint.mode": "min",
+                    "checkpoint.filename": "best",
+                    "checkpoint.save_top_k": 1,
+                    "checkpoint.save_last": True,
+                    "checkpoint.auto_insert_metric_name": False,
+                }
+            )
+            # the tokenizer decides the vocabulary: the model takes its size from the data
+            parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size", apply_on="instantiate")
+
+    return PicoGPTCLI
+
+
+def run_lightning(args: List[str]):
+    """Runs LightningCLI on `args` (e.g. ["fit", "--config", ...]) and returns it (.model, .trainer)."""
+    import torch.distributed as dist
+    from lightning import LightningDataModule
+
+    from picogpt_lightning.modules import PicoGPTModule
+
+    cli = picogpt_cli_class()(
+        PicoGPTModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=1337,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "runs", "name": "picogpt"},
+            }
+        },
+        args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given its own argv
+    )
+    # a `ddp` process group left alive until interpreter exit can abort the process there
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return cli
