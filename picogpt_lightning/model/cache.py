@@ -19,6 +19,13 @@ class StaticLayerCache:
     """One layer's key and value buffers, each (batch, n_query_groups, max_length, head_size)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.set_buffers(keys, values)
+
+    def set_buffers(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        # the compiled step writes into these: a CUDA graph may then keep reading them in
+        # place instead of skipping capture for a mutated input (no effect elsewhere)
+        torch._dynamo.mark_static_address(keys)
+        torch._dynamo.mark_static_address(values)
         self.keys, self.values = keys, values
 
     def update(self, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +88,7 @@ class StaticKVCache:
                 layer.keys.copy_(keys)
                 layer.values.copy_(values)
             else:
-                layer.keys, layer.values = keys, values
+                layer.set_buffers(keys, values)
 
 
 def static_attention_mask(

@@ -20,6 +20,11 @@ it, as in transformers, and fields it leaves unset take this project's `DEFAULTS
 are processed by transformers' own processors. Beam search keeps the beams as a batch
 dimension: every step scores all beams of all prompts in one forward pass and reorders
 the cache with one index_select. Nothing here imports Lightning.
+
+Two KV caches: the growing one (the default: each step concatenates its keys and values)
+and, with `cache_implementation="static"`, a preallocated `StaticKVCache` whose decode step
+has the same shapes every token, so it is compiled once per (batch, max length) with
+`torch.compile(fullgraph=True)` (`disable_compile=True` runs it eagerly).
 """
 
 import copy

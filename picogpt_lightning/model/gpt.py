@@ -145,7 +145,8 @@ class PicoGPT(nn.Module):
         `generation_config` is a `transformers.GenerationConfig`; keyword arguments
         (max_new_tokens=32, do_sample=False, temperature=1.0, top_k=None, top_p=None,
         repetition_penalty=1.0, num_beams=1, num_return_sequences=1, length_penalty=1.0,
-        early_stopping=False, eos_token_id=None, pad_token_id=None, use_cache=True) update a
+        early_stopping=False, eos_token_id=None, pad_token_id=None, use_cache=True,
+        cache_implementation=None (growing cache) or "static", disable_compile=False) update a
         copy of it. Returns (batch * num_return_sequences, prompt + generated) token ids; see
         `picogpt_lightning.model.generation` for the rules.
         """
