@@ -6,20 +6,25 @@ the loop, the optimizer and what goes into a checkpoint live here once.
 
 import inspect
 import math
+import warnings
 from typing import Dict, Optional, Tuple
 
 import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torchmetrics.text import Perplexity
 
+from picogpt_lightning.callbacks import StepProgressBar
 from picogpt_lightning.checkpoints import CONFIG_KEY, STATE_DICT_KEY, TOKENIZER_KEY, strip_compile_prefix
 from picogpt_lightning.data.collate import IGNORE_INDEX
 from picogpt_lightning.data.tokenizer import Tokenizer
 from picogpt_lightning.model import PicoGPTConfig
+
+# a frozen teacher or reference model is in eval mode on purpose; Lightning warns about any at fit start
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -157,8 +162,12 @@ class PicoGPTModule(L.LightningModule):
             torch._foreach_mul_(grads, scale.to(grads[0].device))
 
     def configure_callbacks(self):
-        # the learning rate of every step, in the logger's charts (the monitor needs a logger to write to)
-        return [LearningRateMonitor(logging_interval="step")] if self.trainer.loggers else []
+        callbacks = []
+        if self.trainer.loggers:  # the learning rate of every step in the logger's charts; it needs a logger
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if type(self.trainer.progress_bar_callback) is RichProgressBar:  # Lightning's default, not a user's own
+            callbacks.append(StepProgressBar())  # replaces it: no "Epoch 0/-2" on max_steps runs
+        return callbacks
 
     # Lightning's ThroughputMonitor reads `flops_per_batch` after each batch to report MFU
     def on_train_batch_start(self, batch, batch_idx) -> None:
