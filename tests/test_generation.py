@@ -9,7 +9,12 @@ from transformers import CompileConfig
 from picogpt_lightning import PicoGPT, PicoGPTConfig
 from picogpt_lightning.hf import to_hf
 from picogpt_lightning.model.cache import StaticKVCache
-from picogpt_lightning.model.generation import logits_processors, resolve_generation_config
+from picogpt_lightning.model.generation import (
+    decode_step_for,
+    logits_processors,
+    next_token_logits,
+    resolve_generation_config,
+)
 
 
 def process(scores, sequences, counted_positions=None, min_tokens_to_keep=1, **options):
@@ -303,6 +308,19 @@ def test_decode_step_compiles_once_with_fullgraph_and_never_again(models, padded
     # a new shape (a longer max length) is a new graph, compiled once too
     model.generate(input_ids, attention_mask=attention_mask, **{**options, "max_new_tokens": NEW_TOKENS + 4})
     assert counter.frame_count == 2
+
+
+def test_decode_step_settings_follow_the_device_and_generation_config():
+    """CUDA replays the step as a CUDA graph (reduce-overhead); CPU compiles with inductor's
+    default mode; disable_compile runs eagerly; a CompileConfig overrides backend and mode."""
+    def settings(device, **options):
+        step = decode_step_for(resolve_generation_config(cache_implementation="static", **options), torch.device(device))
+        return step if step is next_token_logits else (step.backend, step.mode)
+
+    assert settings("cuda") == ("inductor", "reduce-overhead")
+    assert settings("cpu") == ("inductor", None)
+    assert settings("cuda", disable_compile=True) is next_token_logits
+    assert settings("cpu", compile_config=CompileConfig(backend="eager", mode=None)) == ("eager", None)
 
 
 def test_inductor_compiled_static_cache_equals_growing_cache(models, padded_batch):
