@@ -42,7 +42,6 @@ from picogpt_lightning.losses import default_layer_map, hidden_cosine_loss, kd_l
 from picogpt_lightning.model import PicoGPT, PicoGPTConfig
 from picogpt_lightning.modules.base import IGNORE_INDEX, PicoGPTModule, flops_per_token, next_token_loss
 
-TEACHER_PREFIX = "teacher."
 QUANTIZATIONS = ("4bit",)
 
 
@@ -84,11 +83,10 @@ class DistillationModule(PicoGPTModule):
         self.temperature = temperature
         self.alpha_ce, self.alpha_kd, self.alpha_cos = alpha_ce, alpha_kd, alpha_cos
         self.kd_top_k = kd_top_k
-        self.save_teacher = save_teacher
         # the student is built first, so with the same seed it starts from the same weights
         # as the same config trained without a teacher
         self.model = PicoGPT(config)
-        self.teacher = freeze(load_teacher(teacher, teacher_quantization))
+        self.add_frozen("teacher", load_teacher(teacher, teacher_quantization), save=save_teacher)
         self.teacher_vocab_size, teacher_layers, teacher_width = teacher_layout(self.teacher)
         self.layer_map = None
         self.hidden_projection = None
@@ -96,16 +94,8 @@ class DistillationModule(PicoGPTModule):
             self.layer_map = resolve_layer_map(layer_map, config.n_layer, teacher_layers)
             if config.n_embd != teacher_width:  # learned, trained with the student, not part of it
                 self.hidden_projection = nn.Linear(config.n_embd, teacher_width, bias=False)
-        # checkpoints without the teacher's weights must still load: the teacher comes from its path
-        self.strict_loading = False
 
-    # ---- the teacher stays frozen -----------------------------------------------------
-
-    def train(self, mode: bool = True):
-        # Lightning switches the whole module to train mode every epoch; the teacher's dropout stays off
-        super().train(mode)
-        self.teacher.eval()
-        return self
+    # ---- the teacher stays frozen (PicoGPTModule.add_frozen) ---------------------------
 
     @torch.no_grad()
     def teacher_forward(self, batch, output_hidden_states: bool):
@@ -144,7 +134,7 @@ class DistillationModule(PicoGPTModule):
             total = total + self.alpha_cos * losses["cos"]
         return {"loss": total, **losses}, student.logits
 
-    # ---- checks before the first step, and checkpoints ---------------------------------
+    # ---- checks before the first step -------------------------------------------------
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -160,20 +150,6 @@ class DistillationModule(PicoGPTModule):
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the teacher and student have "
                 f"{student_vocab}; tokenize the data with the teacher's tokenizer ({self.hparams.teacher!r})"
             )
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if not self.save_teacher:  # the teacher is reloaded from its own path; no need to copy it
-            state_dict = checkpoint["state_dict"]
-            for key in [key for key in state_dict if key.startswith(TEACHER_PREFIX)]:
-                del state_dict[key]
-
-
-def freeze(teacher: nn.Module) -> nn.Module:
-    teacher.eval()
-    for param in teacher.parameters():
-        param.requires_grad_(False)
-    return teacher
 
 
 def check_weights(temperature: float, alpha_ce: float, alpha_kd: float, alpha_cos: float) -> None:

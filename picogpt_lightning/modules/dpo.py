@@ -1,0 +1,148 @@
+"""Direct Preference Optimization: a policy learns to prefer the chosen completion over the rejected one.
+
+    loss = -log sigmoid(beta * [(log pi(chosen) - log pi(rejected)) - (log ref(chosen) - log ref(rejected))])
+
+(Rafailov et al., 2023; `losses.dpo_loss` has the IPO and hinge variants and conservative
+DPO's label smoothing). The policy starts from a checkpoint of this project (`init_from`),
+whose architecture and tokenizer it takes, so a recipe repeats no model config. The reference
+is what the policy is held close to, as a ratio of likelihoods:
+
+- by default a frozen copy of the starting policy;
+- `reference`: another checkpoint (same vocabulary; any architecture);
+- `precompute_reference: true`: its log-probs are computed once, before training, for every
+  train and validation example, and looked up by the example's index; no reference model stays
+  in memory during training.
+
+Either way the reference runs in eval mode without gradients, is not in the optimizer and not
+in this module's checkpoints (it is rebuilt from its path). Chosen and rejected completions go
+through each model in one padded batch (PreferenceDataModule puts every chosen row first).
+"""
+
+from typing import Optional
+
+import torch
+
+from picogpt_lightning import checkpoints
+from picogpt_lightning.data.tokenizer import Tokenizer
+from picogpt_lightning.losses import check_dpo_options, dpo_loss, sequence_log_probs
+from picogpt_lightning.model import PicoGPT
+from picogpt_lightning.modules.base import PicoGPTModule, flops_per_token
+
+
+class DPOModule(PicoGPTModule):
+    """Trains `self.model` (the policy) with the DPO loss against a frozen reference.
+
+    Args:
+        init_from: a checkpoint of this project (.ckpt or PicoGPT.save file) to start the policy from.
+        reference: the reference model's checkpoint; None: the starting policy (init_from).
+        precompute_reference: compute the reference's log-probs once before training instead of
+            keeping the reference model in memory (needs data with example indices, as
+            PreferenceDataModule gives).
+        beta: how far the policy may move from the reference (higher: less far); trl's default 0.1.
+        label_smoothing: the assumed share of mislabelled pairs (conservative DPO), sigmoid loss only.
+        loss_type: "sigmoid" (DPO), "ipo" (log-probs averaged over tokens) or "hinge".
+        **kwargs: optimizer and schedule arguments of PicoGPTModule.
+    """
+
+    def __init__(
+        self,
+        init_from: str,
+        reference: Optional[str] = None,
+        precompute_reference: bool = False,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        loss_type: str = "sigmoid",
+        **kwargs,
+    ):
+        check_dpo_options(beta, label_smoothing, loss_type)
+        start = checkpoints.load(init_from)
+        super().__init__(start.resolve_config(), **kwargs)
+        self.save_hyperparameters()
+        self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
+        self.model = PicoGPT.from_checkpoint(start)
+        if start.tokenizer_dict is not None:
+            self.tokenizer = Tokenizer.from_dict(start.tokenizer_dict)
+        self.reference_path = init_from if reference is None else reference
+        self.reference = None
+        # (example index, [chosen, rejected]) log-probs, filled before training; rebuilt, not saved
+        self.register_buffer("reference_table", torch.empty(0, 2), persistent=False)
+        if not precompute_reference:
+            self.add_frozen("reference", self.load_reference(start if reference is None else reference))
+
+    def load_reference(self, source) -> PicoGPT:
+        reference = PicoGPT.from_checkpoint(source)
+        if reference.config.vocab_size != self.config.vocab_size:
+            raise ValueError(
+                f"the reference's vocabulary has {reference.config.vocab_size} tokens but the policy's has "
+                f"{self.config.vocab_size}; pass a reference trained with the policy's tokenizer"
+            )
+        return reference
+
+    # ---- log-probs of the completions ---------------------------------------------------
+
+    def log_probs(self, model, batch):
+        """(chosen, rejected) log-probs of `model` on a batch whose first half is chosen."""
+        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        return logits, sequence_log_probs(logits, batch["labels"], average=self.loss_type == "ipo").chunk(2)
+
+    def reference_log_probs(self, batch):
+        if self.reference is None:
+            if self.reference_table.numel() == 0:
+                raise RuntimeError("the reference log-probs are not computed yet; the Trainer does it on fit start")
+            table = self.reference_table[batch["index"]]
+            return table[:, 0], table[:, 1]
+        with torch.no_grad():
+            return self.log_probs(self.reference, batch)[1]
+
+    def compute_losses(self, batch):
+        logits, (chosen, rejected) = self.log_probs(self.model, batch)
+        reference_chosen, reference_rejected = self.reference_log_probs(batch)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen, rejected, reference_chosen, reference_rejected, self.beta, self.label_smoothing, self.loss_type
+        )
+        return {
+            "loss": losses.mean(),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": chosen.detach().mean(),
+            "logps/rejected": rejected.detach().mean(),
+        }, logits
+
+    def batch_weight(self, batch) -> int:
+        return batch["input_ids"].shape[0] // 2  # the losses and rewards are per pair
+
+    def module_flops_per_token(self, seq_len: int, training: bool) -> int:
+        reference = 0 if self.reference is None else flops_per_token(self.reference.config, seq_len, training=False)
+        return super().module_flops_per_token(seq_len, training) + reference
+
+    # ---- precomputed reference log-probs ------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        self.precompute_reference()
+
+    def on_validation_start(self) -> None:
+        self.precompute_reference()  # a `validate` run has no fit start
+
+    def on_test_start(self) -> None:
+        self.precompute_reference()
+
+    @torch.no_grad()
+    def precompute_reference(self) -> None:
+        if self.reference is not None or self.reference_table.numel() > 0:
+            return
+        loaders = getattr(self.trainer.datamodule, "ordered_dataloaders", None)
+        if loaders is None:
+            raise ValueError("precompute_reference needs data with example indices, e.g. PreferenceDataModule")
+        reference = self.load_reference(self.reference_path).to(self.device).eval()
+        loaders = loaders()
+        table = torch.full((sum(len(loader.dataset) for loader in loaders), 2), float("nan"), device=self.device)
+        for loader in loaders:
+            for batch in loader:
+                batch = {key: value.to(self.device) for key, value in batch.items()}
+                # the precision the reference would run in during training (autocast for mixed precision)
+                with self.trainer.precision_plugin.forward_context():
+                    chosen, rejected = self.log_probs(reference, batch)[1]
+                table[batch["index"]] = torch.stack([chosen, rejected], dim=-1).float()
+        self.reference_table = table
