@@ -260,3 +260,21 @@ def test_dpo_without_a_checkpoint_is_a_one_line_error(tmp_path, corpus_path):
         cli_main(dpo_cli_args(tmp_path, corpus_path, str(tmp_path / "missing.ckpt")))
     text = str(exit_info.value.code)
     assert text.startswith("error: ") and "missing.ckpt" in text and "\n" not in text
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_the_dpo_step_compiles_in_one_graph(tmp_path, precompute):
+    """No graph break and no host sync: torch.compile(fullgraph=True) traces the whole loss."""
+    module = DPOModule(init_from=tiny_checkpoint(tmp_path), precompute_reference=precompute).eval()
+    batch = preference_batch()
+    if precompute:  # what precompute_reference() fills before training: [chosen, rejected] per example
+        module.reference_table = torch.tensor([[-30.0, -20.0], [-25.0, -40.0]])
+    expected, _ = module.compute_losses(batch)
+    # the step leaves out the attention mask (right padding): the log-probs are those with the mask
+    with_mask = module.model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    chosen, rejected = sequence_log_probs(with_mask, batch["labels"]).chunk(2)
+    torch.testing.assert_close(expected["logps/chosen"], chosen.mean())
+    torch.testing.assert_close(expected["logps/rejected"], rejected.mean())
+    compiled, _ = torch.compile(module.compute_losses, fullgraph=True, backend="eager")(batch)
+    for name, value in expected.items():
+        torch.testing.assert_close(compiled[name], value, msg=name)

@@ -81,8 +81,13 @@ class DPOModule(PicoGPTModule):
     # ---- log-probs of the completions ---------------------------------------------------
 
     def log_probs(self, model, batch):
-        """(chosen, rejected) log-probs of `model` on a batch whose first half is chosen."""
-        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        """(logits, (chosen, rejected) log-probs) of `model` on a batch whose first half is chosen.
+
+        No attention mask: the batches are right-padded, so causal attention already keeps every
+        real token from the pads after it and positions count from 0 either way; without a mask
+        SDPA takes its causal fast path and the step needs no look at the mask's values (no host sync).
+        """
+        logits = model(batch["input_ids"]).logits
         return logits, sequence_log_probs(logits, batch["labels"], average=self.loss_type == "ipo").chunk(2)
 
     def reference_log_probs(self, batch):
