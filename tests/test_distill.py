@@ -258,3 +258,25 @@ def test_throughput_counts_the_teachers_forward(tmp_path):
     module = DistillationModule(student_config(), teacher=saved_teacher(tmp_path))
     expected = flops_per_token(student_config(), 10, training=True) + flops_per_token(module.teacher.config, 10, False)
     assert module.module_flops_per_token(10, training=True) == expected
+
+
+def test_pipeline_output_reads_as_a_report(tmp_path, corpus):
+    """What `make demo` prints: one line per stage, progress bars without negative totals, no warnings."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [sys.executable, "-m", "picogpt_lightning", "pipeline", "--teacher_steps", "3",
+         "--student_steps", "2", "--sample_tokens", "10", "--out_dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "PICOGPT_DATA": str(corpus), "OMP_NUM_THREADS": "1"},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert not re.search(r"\w*Warning\b|warn", output), output
+    assert not re.search(r"Epoch \d+/-\d", output)
+    stage_lines = [line for line in output.splitlines() if line.startswith("==> ")]
+    assert len(stage_lines) == 3 and all("last.ckpt" in line and "logs in" in line for line in stage_lines)
+    assert "| student + KD |" in output

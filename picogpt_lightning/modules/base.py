@@ -7,20 +7,25 @@ handling of a frozen model beside the trained one (a distillation teacher, a DPO
 
 import inspect
 import math
+import warnings
 from typing import Dict, Optional, Tuple
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
 from torchmetrics.text import Perplexity
 
+from picogpt_lightning.callbacks import StepProgressBar
 from picogpt_lightning.checkpoints import CONFIG_KEY, STATE_DICT_KEY, TOKENIZER_KEY, strip_compile_prefix
 from picogpt_lightning.data.collate import IGNORE_INDEX
 from picogpt_lightning.data.tokenizer import Tokenizer
 from picogpt_lightning.model import PicoGPTConfig
+
+# a frozen teacher or reference model is in eval mode on purpose; Lightning warns about any at fit start
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -138,8 +143,12 @@ class PicoGPTModule(L.LightningModule):
         return losses["loss"]
 
     def configure_callbacks(self):
-        # the learning rate of every step, in the logger's charts (the monitor needs a logger to write to)
-        return [LearningRateMonitor(logging_interval="step")] if self.trainer.loggers else []
+        callbacks = []
+        if self.trainer.loggers:  # the learning rate of every step in the logger's charts; it needs a logger
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if type(self.trainer.progress_bar_callback) is RichProgressBar:  # Lightning's default, not a user's own
+            callbacks.append(StepProgressBar())  # replaces it: no "Epoch 0/-2" on max_steps runs
+        return callbacks
 
     # Lightning's ThroughputMonitor reads `flops_per_batch` after each batch to report MFU
     def on_train_batch_start(self, batch, batch_idx) -> None:
