@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from benchmarks.report import machine_description, markdown_table, write_section
 from picogpt_lightning import PicoGPT, checkpoints
@@ -75,7 +76,11 @@ def main() -> None:
         tokenizer = Tokenizer.from_checkpoint(start)
         block_size = pretrained.config.block_size
 
-        pairs = PreferenceDataModule(tokenizer=start_ckpt, corpus_path=corpus, max_length=block_size + 1, batch_size=64)
+        recipe = yaml.safe_load(DPO_YAML.read_text())["data"]["init_args"]  # the pairs the run trains on
+        pairs = PreferenceDataModule(
+            tokenizer=start_ckpt, corpus_path=corpus, max_length=block_size + 1, batch_size=64,
+            prompt_chars=recipe["prompt_chars"], completion_chars=recipe["completion_chars"],
+        )
         pairs.setup("validate")
         windows = TinyShakespeareDataModule(data_path=corpus, block_size=block_size, batch_size=64, val_samples=2400)
         windows.setup("validate")
