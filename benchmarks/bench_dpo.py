@@ -29,7 +29,7 @@ from picogpt_lightning.training import run_lightning
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DPO_YAML = REPO_ROOT / "configs" / "dpo.yaml"
-SAMPLE_TOKENS = 32
+OPENING_CHARS = 16  # free samples start from a speech's first characters
 
 
 @torch.no_grad()
@@ -84,15 +84,19 @@ def main() -> None:
         pairs.setup("validate")
         windows = TinyShakespeareDataModule(data_path=corpus, block_size=block_size, batch_size=64, val_samples=2400)
         windows.setup("validate")
-        prompts = [pairs.val_dataset[i]["prompt_ids"] for i in (0, 100)]
-        prompts = [tokenizer.decode(ids) for ids in prompts]
+        held_out = [pairs.val_dataset[i] for i in (0, 100)]
+        prompts = [tokenizer.decode(example["prompt_ids"]) for example in held_out]
+        true_continuations = [tokenizer.decode(example["chosen_ids"]) for example in held_out]
+        openings = [prompt[:OPENING_CHARS] for prompt in prompts]
 
         def evaluate(policy):
             torch.manual_seed(0)
             return (
                 preference_scores(policy, pretrained, pairs.val_dataloader(), args.beta),
                 lm_loss(policy, windows.val_dataloader()),
-                generate_texts(policy, tokenizer, prompts, max_new_tokens=SAMPLE_TOKENS),
+                # the pair's own task (continue the held-out prompt) and a longer free sample from its opening
+                generate_texts(policy, tokenizer, prompts, max_new_tokens=len(held_out[0]["chosen_ids"])),
+                generate_texts(policy, tokenizer, openings, max_new_tokens=block_size - OPENING_CHARS),
             )
 
         before = evaluate(pretrained)
@@ -116,13 +120,17 @@ def main() -> None:
 
     hp = cli.model.hparams
     rows = []
-    for label, (scores, loss, _) in (("pretrained (= reference)", before), (f"after {args.steps} DPO steps", after)):
+    for label, (scores, loss, _, _) in (("pretrained (= reference)", before), (f"after {args.steps} DPO steps", after)):
         rows.append([
             label, f"{scores['accuracy']:.3f}", f"{scores['margin']:.3f}", f"{scores['own_preference']:.3f}", f"{loss:.4f}",
         ])
     samples = "\n".join(
-        f"Prompt {number}: `{prompt!r}`\n\n- before: `{b[len(prompt):]!r}`\n- after: `{a[len(prompt):]!r}`\n"
-        for number, (prompt, b, a) in enumerate(zip(prompts, before[2], after[2]), start=1)
+        f"Held-out prompt `{prompt!r}`, true continuation `{truth!r}`; greedy before `{b[len(prompt):]!r}`, "
+        f"after `{a[len(prompt):]!r}`.\n\nFree sample from `{opening!r}`:\n- before: `{fb[len(opening):]!r}`\n"
+        f"- after: `{fa[len(opening):]!r}`\n"
+        for prompt, truth, b, a, opening, fb, fa in zip(
+            prompts, true_continuations, before[2], after[2], openings, before[3], after[3]
+        )
     )
     body = (
         f"`python -m benchmarks.bench_dpo --steps {args.steps}` on {machine_description()}: configs/dpo.yaml from the "
@@ -143,7 +151,7 @@ def main() -> None:
         f"windows pretraining scored; DPO moved it by {after[1] - before[1]:+.4f}. "
         f"The run's own validation logged rewards/accuracies {logged.get('val/rewards/accuracies', float('nan')):.3f}, "
         f"rewards/margins {logged.get('val/rewards/margins', float('nan')):.3f}.\n\n"
-        f"Greedy samples ({SAMPLE_TOKENS} new characters) from held-out prompts:\n\n{samples}"
+        f"Greedy samples:\n\n{samples}"
     )
     write_section("dpo", "DPO: preference alignment from the pretrained CPU model", body)
 
