@@ -166,6 +166,8 @@ def test_merge_command_writes_a_checkpoint_that_generate_and_init_from_read(pare
     for name, tensor in merged.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
     assert merged.lm_head.weight is merged.tok_embeddings.weight
+    embeddings = "tok_embeddings.weight"  # tied: merged once, at the embeddings' place (the first value)
+    torch.testing.assert_close(merged.state_dict()[embeddings], slerp(0.2, first.state_dict[embeddings], second.state_dict[embeddings]))
     assert Tokenizer.from_checkpoint(out).to_dict() == first.tokenizer_dict
 
     capsys.readouterr()
