@@ -155,7 +155,7 @@ def cli_error(*args) -> str:
     return message
 
 
-def test_merge_command_writes_a_checkpoint_that_generate_and_init_from_read(parents, tmp_path, capsys):
+def test_merge_command_writes_a_checkpoint_that_generate_init_from_and_export_read(parents, tmp_path, capsys):
     path_a, path_b = parents
     out = str(tmp_path / "merged.ckpt")
     main(["merge", "--a", path_a, "--b", path_b, "--t", "[0.2, 0.8]", "--out", out])
@@ -178,6 +178,13 @@ def test_merge_command_writes_a_checkpoint_that_generate_and_init_from_read(pare
 
     module = LanguageModelModule(first.config, init_from=out)
     assert all(torch.equal(module.model.state_dict()[name], tensor) for name, tensor in merged.state_dict().items())
+
+    from transformers import AutoModelForCausalLM
+
+    main(["export", "--ckpt", out, "--out", str(tmp_path / "hf")])
+    ids = torch.tensor([tokenizer.encode("to be or")])
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(ids).logits, merged(ids).logits)
 
 
 def test_merge_command_reads_per_kind_schedules_from_yaml(parents, tmp_path):
