@@ -133,8 +133,8 @@ def main() -> None:
         f"({args.steps} steps, batch 12 x 64, lr {args.learning_rate:g} -> {args.learning_rate / 10:g} cosine). "
         "Mean next-token loss on each validation text (2400 windows of 64 tokens, nats per character); the "
         "merges are `merge_checkpoints` (the `merge` command) of fine-tune A (t = 0) and fine-tune B (t = 1). "
-        "The pretraining run trained on the first 90% of the corpus, so it had seen val A's text (but neither "
-        "fine-tune had) and not val B's.\n\n"
+        "The pretraining run trained on the first 90% of the corpus: the pretrained model (and through it both "
+        "fine-tunes) had seen val A's text, though no fine-tune step did, and none had seen val B's.\n\n"
         + markdown_table(headers, rows)
         + "\n\n"
         + "\n".join(f"- {line}" for line in verdicts)
