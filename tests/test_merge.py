@@ -177,6 +177,7 @@ def test_merge_command_writes_a_checkpoint_that_generate_init_from_and_export_re
     assert capsys.readouterr().out == expected_text + "\n"
 
     module = LanguageModelModule(first.config, init_from=out)
+    module.setup("fit")  # where a run reads init_from
     assert all(torch.equal(module.model.state_dict()[name], tensor) for name, tensor in merged.state_dict().items())
 
     from transformers import AutoModelForCausalLM
