@@ -31,6 +31,8 @@ BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 KIND_OF_MODULE = {"attn": "attention", "mlp": "mlp"}  # a Block's attribute -> the kind of its parameters
 
 
+# Written out rather than imported: mergekit merges Hugging Face model directories through its own
+# planner, and its slerp is these few lines; the tests check them against the formula.
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
     """Spherical linear interpolation from v0 (t = 0) to v1 (t = 1), mergekit's formula.
 
