@@ -16,21 +16,36 @@ from picogpt_lightning.modules.base import PicoGPTModule, next_token_loss
 class LanguageModelModule(PicoGPTModule):
     """Trains a PicoGPT on next-token prediction; see PicoGPTModule for the optimizer arguments.
 
-    `init_from`: a checkpoint of this project whose weights start the run (fine-tuning). Leave
-    `config` unset to take the checkpoint's architecture (and its tokenizer); a `config` given
-    must describe the same architecture, training-time fields (dropout, neftune_noise_alpha) may differ.
+    `init_from`: a checkpoint of this project whose weights start the run (fine-tuning). Its
+    architecture must match `config`; training-time fields (dropout, neftune_noise_alpha) may differ.
+    Its weights are read when a run starts (`setup`), not when the module is built: a checkpoint of
+    the fine-tuned run restores its own weights (`load_from_checkpoint`), so it never needs the base
+    again. Leave `config` unset to take the architecture and the tokenizer from `init_from` (read
+    at once then, and again whenever the module is rebuilt from its hyperparameters).
     """
 
     def __init__(self, config: Optional[PicoGPTConfig] = None, init_from: Optional[str] = None, **kwargs):
         if config is None and init_from is None:
             raise ValueError("LanguageModelModule needs a model config, or init_from=<checkpoint> to take one from")
-        start = checkpoints.load(init_from) if init_from is not None else None
-        config = start.resolve_config(config) if start is not None else config
-        super().__init__(config, **kwargs)
+        start = checkpoints.load(init_from) if config is None else None
+        super().__init__(config if start is None else start.resolve_config(), **kwargs)
         self.save_hyperparameters()
-        self.model = PicoGPT(config) if start is None else PicoGPT.from_checkpoint(start, config=config)
+        self.model = PicoGPT(self.config)
+        self._pending_init_from = init_from
         if start is not None and start.tokenizer_dict is not None:
             self.tokenizer = Tokenizer.from_dict(start.tokenizer_dict)  # the data may tokenize with it
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self._pending_init_from is not None:
+            checkpoint = checkpoints.load(self._pending_init_from)
+            checkpoint.resolve_config(self.config)  # same architecture, or a one-line error naming the fields
+            checkpoint.load_weights(self.model)
+            self._pending_init_from = None  # once: a second fit or validate keeps the trained weights
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._pending_init_from = None  # the checkpoint's own weights replace the starting point
 
     def compute_losses(self, batch):
         logits = self.model(batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
