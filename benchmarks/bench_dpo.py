@@ -134,7 +134,8 @@ def main() -> None:
     )
     body = (
         f"`python -m benchmarks.bench_dpo --steps {args.steps}` on {machine_description()}: configs/dpo.yaml from the "
-        f"pretrain_cpu checkpoint (4 layers x 128, char tokenizer, block 64), beta {hp.beta}, lr {hp.learning_rate}, "
+        f"pretrain_cpu checkpoint (4 layers x 128, char tokenizer, block 64), beta {hp.beta}, rpo_alpha {hp.rpo_alpha}, "
+        f"lr {hp.learning_rate}, "
         f"batch {cli.datamodule.hparams.batch_size} pairs, {args.steps} steps in {train_seconds:.0f} s (one thread). "
         f"Pairs from tiny_shakespeare: prompt = a speech's first {cli.datamodule.hparams.prompt_chars} characters, "
         f"chosen = its next {cli.datamodule.hparams.completion_chars}, rejected = the same stretch of a speech of "

@@ -278,3 +278,22 @@ def test_the_dpo_step_compiles_in_one_graph(tmp_path, precompute):
     compiled, _ = torch.compile(module.compute_losses, fullgraph=True, backend="eager")(batch)
     for name, value in expected.items():
         torch.testing.assert_close(compiled[name], value, msg=name)
+
+
+def test_rpo_alpha_adds_the_next_token_loss_on_the_chosen_completions(tmp_path):
+    start = tiny_checkpoint(tmp_path)
+    batch = preference_batch()
+    plain = DPOModule(init_from=start).eval()
+    rpo = DPOModule(init_from=start, rpo_alpha=0.5).eval()
+    dpo_only, _ = plain.compute_losses(batch)
+    with_nll, logits = rpo.compute_losses(batch)
+    # by hand: mean -log p over the chosen rows' completion tokens (rows 0 and 1)
+    terms = []
+    for row in (0, 1):
+        real = batch["labels"][row] != -100
+        terms.append(-F.log_softmax(logits[row], -1)[real].gather(-1, batch["labels"][row][real, None]).squeeze(-1))
+    nll = torch.cat(terms).mean()
+    assert with_nll["nll"].item() == pytest.approx(nll.item(), rel=1e-5)
+    assert with_nll["loss"].item() == pytest.approx(dpo_only["loss"].item() + 0.5 * nll.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="rpo_alpha must be > 0"):
+        DPOModule(init_from=start, rpo_alpha=0.0)

@@ -13,6 +13,11 @@ is what the policy is held close to, as a ratio of likelihoods:
   train and validation example, and looked up by the example's index; no reference model stays
   in memory during training.
 
+DPO alone may lower the likelihood of the chosen completions too, as long as the rejected ones
+fall faster; on a small model that drains probability into tokens neither side uses and the
+text degrades. `rpo_alpha` adds the next-token loss on the chosen completions (trl's
+`rpo_alpha`, Pang et al., 2024), which keeps the policy a language model.
+
 Either way the reference runs in eval mode without gradients, is not in the optimizer and not
 in this module's checkpoints (it is rebuilt from its path). Chosen and rejected completions go
 through each model in one padded batch (PreferenceDataModule puts every chosen row first).
@@ -26,7 +31,7 @@ from picogpt_lightning import checkpoints
 from picogpt_lightning.data.tokenizer import Tokenizer
 from picogpt_lightning.losses import check_dpo_options, dpo_loss, sequence_log_probs
 from picogpt_lightning.model import PicoGPT
-from picogpt_lightning.modules.base import PicoGPTModule, flops_per_token
+from picogpt_lightning.modules.base import PicoGPTModule, flops_per_token, next_token_loss
 
 
 class DPOModule(PicoGPTModule):
@@ -41,6 +46,8 @@ class DPOModule(PicoGPTModule):
         beta: how far the policy may move from the reference (higher: less far); trl's default 0.1.
         label_smoothing: the assumed share of mislabelled pairs (conservative DPO), sigmoid loss only.
         loss_type: "sigmoid" (DPO), "ipo" (log-probs averaged over tokens) or "hinge".
+        rpo_alpha: weight of the next-token loss on the chosen completions added to the DPO loss
+            (None: DPO alone; the RPO paper uses 1.0).
         **kwargs: optimizer and schedule arguments of PicoGPTModule.
     """
 
@@ -52,13 +59,17 @@ class DPOModule(PicoGPTModule):
         beta: float = 0.1,
         label_smoothing: float = 0.0,
         loss_type: str = "sigmoid",
+        rpo_alpha: Optional[float] = None,
         **kwargs,
     ):
         check_dpo_options(beta, label_smoothing, loss_type)
+        if rpo_alpha is not None and not rpo_alpha > 0:
+            raise ValueError(f"rpo_alpha must be > 0, or None to train on the DPO loss alone; got {rpo_alpha}")
         start = checkpoints.load(init_from)
         super().__init__(start.resolve_config(), **kwargs)
         self.save_hyperparameters()
         self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
+        self.rpo_alpha = rpo_alpha
         self.model = PicoGPT.from_checkpoint(start)
         if start.tokenizer_dict is not None:
             self.tokenizer = Tokenizer.from_dict(start.tokenizer_dict)
@@ -105,8 +116,15 @@ class DPOModule(PicoGPTModule):
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             chosen, rejected, reference_chosen, reference_rejected, self.beta, self.label_smoothing, self.loss_type
         )
+        parts = {}
+        loss = losses.mean()
+        if self.rpo_alpha is not None:  # the chosen rows are the batch's first half
+            pairs = chosen.shape[0]
+            parts["nll"] = next_token_loss(logits[:pairs], batch["labels"][:pairs])
+            loss = loss + self.rpo_alpha * parts["nll"]
         return {
-            "loss": losses.mean(),
+            "loss": loss,
+            **parts,
             "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": rejected_rewards.mean(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
