@@ -230,12 +230,13 @@ def dpo_cli_args(tmp_path, corpus_path, init_from, *extra) -> list:
     ]
 
 
-@pytest.mark.parametrize("precompute", [False, True])
-def test_dpo_recipe_trains_through_the_cli(tmp_path, corpus_path, char_checkpoint, precompute):
+@pytest.mark.parametrize("precompute, rpo_alpha", [(False, "1.0"), (True, "null")])
+def test_dpo_recipe_trains_through_the_cli(tmp_path, corpus_path, char_checkpoint, precompute, rpo_alpha):
     from picogpt_lightning.training import run_lightning
 
     cli = run_lightning(dpo_cli_args(tmp_path, corpus_path, char_checkpoint,
-                                     "--model.init_args.precompute_reference", str(precompute).lower()))
+                                     "--model.init_args.precompute_reference", str(precompute).lower(),
+                                     "--model.init_args.rpo_alpha", rpo_alpha))
     module = cli.model
     assert (module.reference is None) == precompute
     if precompute:  # one [chosen, rejected] pair of reference log-probs for every train and val example
@@ -245,7 +246,10 @@ def test_dpo_recipe_trains_through_the_cli(tmp_path, corpus_path, char_checkpoin
     for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert f"train/{name}" in metrics and f"val/{name}" in metrics
     assert metrics["val/rewards/margins"] != 0  # the policy moved away from the reference
-    assert metrics["train/loss"] < math.log(2) + 0.5
+    if rpo_alpha == "null":
+        assert metrics["train/loss"] < math.log(2) + 0.5 and "train/nll" not in metrics
+    else:  # the chosen completions' next-token loss is logged beside the total
+        assert "train/nll" in metrics and "val/nll" in metrics
 
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert not any(key.startswith("reference") for key in saved["state_dict"])
