@@ -233,15 +233,11 @@ class PicoGPTModule(L.LightningModule):
     def _log_losses(self, stage, losses, batch, **log_options) -> None:
         # weight each batch by its real tokens so epoch means are per-token means; per-step values
         # need no weight, and counting there would stall the GPU once every training step
-        weight = self.batch_weight(batch) if log_options.get("on_epoch") else None
+        weight = int(self.loss_items(batch)) if log_options.get("on_epoch") else None
         for name, value in losses.items():
             self.log(
                 f"{stage}/{name}", value.detach(), batch_size=weight, sync_dist=stage != "train", **log_options
             )
-
-    def batch_weight(self, batch) -> int:
-        """What an epoch mean averages over: real tokens here; a recipe whose losses are per pair counts pairs."""
-        return int((batch["labels"] != IGNORE_INDEX).sum())
 
     # ---- setup, optimizer, schedule ---------------------------------------------------
 

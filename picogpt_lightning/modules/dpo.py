@@ -133,8 +133,10 @@ class DPOModule(PicoGPTModule):
             "logps/rejected": rejected.detach().mean(),
         }, logits
 
-    def batch_weight(self, batch) -> int:
-        return batch["input_ids"].shape[0] // 2  # the losses and rewards are per pair
+    def loss_items(self, batch) -> torch.Tensor:
+        # the DPO loss and the rewards are means over pairs (rpo_alpha's nll, a mean over chosen
+        # tokens, rides along with the same weight)
+        return torch.tensor(batch["input_ids"].shape[0] // 2, device=batch["input_ids"].device)
 
     def module_flops_per_token(self, seq_len: int, training: bool) -> int:
         reference = 0 if self.reference is None else flops_per_token(self.reference.config, seq_len, training=False)
