@@ -113,5 +113,6 @@ def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Ten
         return values.mean()
     if mask.shape != values.shape:
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(values.shape)} (batch, length)")
-    keep = mask.bool()
-    return values[keep].sum() / keep.sum().clamp(min=1)
+    # multiply, not index: boolean indexing has a data-dependent shape (a host sync, a graph break)
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
