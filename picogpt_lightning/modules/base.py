@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import GradClipAlgorithmType
-from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.tensor import DTensor
 from torchmetrics.text import Perplexity
 
 from picogpt_lightning.checkpoints import CONFIG_KEY, STATE_DICT_KEY, TOKENIZER_KEY, strip_compile_prefix
@@ -183,6 +184,8 @@ class PicoGPTModule(L.LightningModule):
         self.tokenizer = tokenizer
 
     def configure_model(self) -> None:
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, parameters sharded as DTensors
+            shard_trainable_modules(self, self.device_mesh["data_parallel"])
         if self.compile_model and self.compiled_losses is None:
             # compile what a step runs, model and loss, as one graph; the model itself stays as it
             # is, so generation (SampleGenerationCallback) runs eagerly instead of recompiling the
@@ -203,7 +206,7 @@ class PicoGPTModule(L.LightningModule):
         sharded = self.trainer.strategy.model
         if isinstance(sharded, FullyShardedDataParallel):
             sharded.clip_grad_norm_(gradient_clip_val)
-        else:  # one device, DDP, and FSDP2's DTensors, whose norms torch reduces over the shards
+        else:  # one device, DDP, and FSDP2's DTensors, whose norm torch reduces over the shards
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
     def configure_optimizers(self):
@@ -242,6 +245,23 @@ class PicoGPTModule(L.LightningModule):
             checkpoint[STATE_DICT_KEY] = strip_compile_prefix(checkpoint[STATE_DICT_KEY])
         if TOKENIZER_KEY in checkpoint and self.tokenizer is None:
             self.tokenizer = Tokenizer.from_dict(checkpoint[TOKENIZER_KEY])
+
+
+def shard_trainable_modules(module: "PicoGPTModule", mesh) -> None:
+    """FSDP2: one unit per transformer block, then the rest of the trained model as the root unit.
+
+    Other trainable parts (a distillation projection) get their own unit so their gradients are
+    reduced across ranks too; a frozen teacher or reference stays whole on every rank (it has
+    no gradients to reduce). Called again on a model already sharded, it changes nothing.
+    """
+    if isinstance(module.model.lm_head.weight, DTensor):
+        return
+    for block in module.model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(module.model, mesh=mesh)
+    for child in module.children():
+        if child is not module.model and any(param.requires_grad for param in child.parameters()):
+            fully_shard(child, mesh=mesh)
 
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu")
