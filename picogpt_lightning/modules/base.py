@@ -185,6 +185,12 @@ class PicoGPTModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, parameters sharded as DTensors
+            if self.device_mesh["tensor_parallel"].size() > 1:
+                raise ValueError(
+                    f"ModelParallelStrategy has tensor_parallel_size {self.device_mesh['tensor_parallel'].size()}, "
+                    "but this model shards by FSDP only; set tensor_parallel_size: 1 and data_parallel_size to "
+                    "the number of devices (see configs/fsdp.yaml)"
+                )
             shard_trainable_modules(self, self.device_mesh["data_parallel"])
         if self.compile_model and self.compiled_losses is None:
             # compile what a step runs, model and loss, as one graph; the model itself stays as it
