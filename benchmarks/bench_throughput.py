@@ -13,6 +13,8 @@ a recipe does (TensorBoard logging every 10 steps, no progress bar), with `compi
 the plain loops are forward, loss, backward, clip, step, with the model and loss compiled or
 not. Rounds cycle through the paths so load from other processes falls on all alike; each
 round's first steps (compilation, allocator warm-up, Trainer start) are left out of the timing.
+On a CPU the clock is the process's CPU time (one thread), so other work on shared cores does
+not count against whichever path it happens to overlap.
 """
 
 import argparse
@@ -39,7 +41,9 @@ CLIP = 1.0
 
 
 def collate_batches(count: int, block_size: int, batch_size: int) -> list:
-    datamodule = TinyShakespeareDataModule(block_size=block_size, batch_size=batch_size, train_samples=count * batch_size)
+    datamodule = TinyShakespeareDataModule(
+        block_size=block_size, batch_size=batch_size, train_samples=count * batch_size
+    )
     datamodule.setup("fit")
     return list(datamodule.train_dataloader())
 
@@ -56,6 +60,12 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def clock(device: str) -> float:
+    """Wall time on a GPU; on a CPU this process's own CPU time, which other processes sharing the
+    cores do not inflate (one thread, data loading in-process, so it is all the step's work)."""
+    return time.perf_counter() if device == "cuda" else time.process_time()
+
+
 class StepClock(L.Callback):
     """Seconds from the end of step `skip` to the end of the last step."""
 
@@ -67,9 +77,9 @@ class StepClock(L.Callback):
         if batch_idx + 1 in (self.skip, self.last):
             synchronize(self.device)
             if batch_idx + 1 == self.skip:
-                self.start = time.perf_counter()
+                self.start = clock(self.device)
             else:
-                self.end = time.perf_counter()
+                self.end = clock(self.device)
 
 
 def lightning_round(setting, config, initial_state, batches, skip, log_dir, device, compile) -> float:
@@ -117,9 +127,9 @@ def plain_round(setting, config, initial_state, batches, skip, device, compile) 
         schedule.step()
         if step + 1 == skip:
             synchronize(device)
-            start = time.perf_counter()
+            start = clock(device)
     synchronize(device)
-    return time.perf_counter() - start
+    return clock(device) - start
 
 
 def main(argv=None) -> None:
@@ -130,6 +140,8 @@ def main(argv=None) -> None:
     args = parser.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)  # the clock counts this process's CPU time: one thread keeps it the step's
     setting = SETTINGS[device]
     config = PicoGPTConfig(**setting["model"], dropout=0.0)
     torch.manual_seed(1337)
@@ -168,7 +180,8 @@ def main(argv=None) -> None:
         f"{machine_description()}, {setting['precision']}. Model and batch: {size['n_layer']} layers, width "
         f"{size['n_embd']}, block {size['block_size']}, batch {setting['batch_size']}; {args.rounds} rounds of "
         f"{args.steps} steps per path, cycling through the paths, the first {args.skip} steps of each round "
-        "untimed; medians over rounds. `flock /tmp/picogpt_bench.lock python -m benchmarks.bench_throughput`.\n\n"
+        f"untimed; medians over rounds{'' if device == 'cuda' else ', timed in process CPU time (one thread)'}. "
+        "`flock /tmp/picogpt_bench.lock python -m benchmarks.bench_throughput`.\n\n"
         + markdown_table(["training path", "tokens/s", "range over rounds", "ms/step", "MFU", "vs plain compiled"], rows)
         + f"\n\nTrainer.fit compiled / plain compiled loop: **{medians['Trainer.fit, compile: true'] / plain:.3f}**; "
         f"Trainer.fit eager / plain eager loop: **{medians['Trainer.fit, eager'] / medians['plain loop, eager']:.3f}** "

@@ -33,7 +33,8 @@ def main() -> None:
     trainer.save_checkpoint(out / "fsdp.ckpt")  # a collective: every rank takes part, rank 0 writes
     if trainer.is_global_zero:
         sharded = type(trainer.lightning_module.model.lm_head.weight).__name__
-        (out / "run.json").write_text(json.dumps({"losses": losses, "world_size": trainer.world_size, "weights": sharded}))
+        record = {"losses": losses, "world_size": trainer.world_size, "weights": sharded}
+        (out / "run.json").write_text(json.dumps(record))
     if dist.is_initialized():
         dist.destroy_process_group()  # without it gloo may abort the process at exit
 

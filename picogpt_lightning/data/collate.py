@@ -43,7 +43,8 @@ class PadCollator:
             raise ValueError("cannot collate an empty batch; the sampler yielded no samples")
         if isinstance(samples, torch.Tensor) and samples.dim() == 2 and samples.shape[1] >= 2:
             samples = samples.long()
-            return self._pad({"input_ids": samples[:, :-1], "labels": samples[:, 1:]}, [samples.shape[1] - 1] * len(samples))
+            lengths = [samples.shape[1] - 1] * len(samples)
+            return self._pad({"input_ids": samples[:, :-1], "labels": samples[:, 1:]}, lengths)
         sequences = [torch.as_tensor(sample, dtype=torch.long) for sample in samples]
         for i, sequence in enumerate(sequences):
             if sequence.dim() != 1 or sequence.numel() < 2:
