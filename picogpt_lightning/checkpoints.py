@@ -190,7 +190,7 @@ def require_unquantized(checkpoint: Checkpoint, purpose: str) -> None:
 def build_packed_layers(model: torch.nn.Module, quantization: dict, path: str = "model") -> None:
     """Packs the model's linear layers as `quantization` describes, in place.
 
-    `quantize_file` packs trained weights; loading a packed file packs a freshly built model's
+    `quant.packed_file.quantize_checkpoint` packs trained weights; loading a packed file packs a freshly built model's
     initial weights only to get layers of the right shapes, whose values the file then replaces.
     """
     method = quantization.get("method")
@@ -237,41 +237,3 @@ def save(path, model: torch.nn.Module, tokenizer=None, **extra: Any) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
-def quantize_file(source, out, method: str, block_size: int = 64, double_quant: bool = True, overwrite: bool = False) -> dict:
-    """Reads a full-precision checkpoint, packs its linear layers and writes `out`; returns the quantization entry.
-
-    "nf4": every linear layer inside the blocks in NF4 (the lm_head, tied to the embeddings, stays full
-    precision). "bitnet": a model trained with linear="bitnet1.58" or "bitnet1", its weights as 2-bit or
-    1-bit codes plus one scale per tensor, computing exactly what the training model computes.
-    """
-    from picogpt_lightning.model import PicoGPT
-
-    if method not in QUANTIZATION_METHODS:
-        raise ValueError(f"quantization method must be one of {QUANTIZATION_METHODS}, got {method!r}")
-    out = os.fspath(out)
-    checkpoint = load(source)
-    if os.path.exists(out) and not overwrite:
-        raise ValueError(f"{out} already exists; choose another --out or pass --overwrite true")
-    if os.path.abspath(out) == os.path.abspath(checkpoint.path):
-        raise ValueError(f"--out {out} is the input checkpoint; write the quantized model to another file")
-    require_unquantized(checkpoint, "quantization again")
-    config = checkpoint.resolve_config()
-    if method == "bitnet" and config.linear == "linear":
-        raise CheckpointError(
-            f"{checkpoint.path} is a full-precision model (linear='linear'), not BitNet; use --method nf4, or train "
-            "with linear='bitnet1.58' or 'bitnet1' (configs/bitnet.yaml) to pack it as BitNet"
-        )
-    if method == "nf4" and config.linear != "linear":
-        raise CheckpointError(
-            f"{checkpoint.path} is a BitNet model (linear={config.linear!r}); pack it with --method bitnet"
-        )
-    model = PicoGPT.from_checkpoint(checkpoint).eval()
-    if method == "nf4":
-        quantization = {"method": "nf4", "block_size": block_size, "double_quant": double_quant, "skip": ["lm_head"]}
-    else:
-        quantization = {"method": "bitnet"}
-    build_packed_layers(model, quantization, checkpoint.path)
-    extra = {} if checkpoint.tokenizer_dict is None else {TOKENIZER_KEY: checkpoint.tokenizer_dict}
-    save_quantized(out, model, quantization, **extra)
-    return quantization

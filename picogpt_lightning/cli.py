@@ -186,9 +186,9 @@ def quantize(
         double_quant: NF4 only: store the absmax constants in 8 bits as well (QLoRA's double quantization).
         overwrite: replace out if it already exists.
     """
-    from picogpt_lightning.checkpoints import quantize_file
+    from picogpt_lightning.quant.packed_file import quantize_checkpoint
 
-    quantization = quantize_file(ckpt, out, method, block_size=block_size, double_quant=double_quant, overwrite=overwrite)
+    quantization = quantize_checkpoint(ckpt, out, method, block_size=block_size, double_quant=double_quant, overwrite=overwrite)
     size = os.path.getsize(out)
     print(f"wrote {out} ({size / 1e6:.2f} MB, {quantization['method']}): python -m picogpt_lightning generate --ckpt {out} ...")
 

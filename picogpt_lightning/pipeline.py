@@ -127,9 +127,14 @@ def evaluate(name: str, checkpoint_path: Path) -> StageResult:
 
     checkpoint = checkpoints.load(str(checkpoint_path))
     datamodule = TinyShakespeareDataModule(**checkpoint.datamodule_hparams)
-    datamodule.setup("validate")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = PicoGPT.from_checkpoint(checkpoint).to(device).eval()
+    return StageResult(name, model.num_parameters(), checkpoint.global_step, mean_val_loss(model, datamodule, device))
+
+
+def mean_val_loss(model: PicoGPT, datamodule, device: str = "cpu") -> float:
+    """Next-token cross-entropy over every real token of the data module's validation windows."""
+    datamodule.setup("validate")
     total, tokens = 0.0, 0
     with torch.no_grad():
         for batch in datamodule.val_dataloader():
@@ -138,7 +143,7 @@ def evaluate(name: str, checkpoint_path: Path) -> StageResult:
             batch_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
             total += next_token_loss(logits, batch["labels"]).item() * batch_tokens
             tokens += batch_tokens
-    return StageResult(name, model.num_parameters(), checkpoint.global_step, total / tokens)
+    return total / tokens
 
 
 def sample(checkpoint_path: Path, prompt: str, max_new_tokens: int) -> str:

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from picogpt_lightning import PicoGPT, PicoGPTConfig
-from picogpt_lightning.checkpoints import CheckpointError, quantize_file
+from picogpt_lightning.checkpoints import CheckpointError
 from picogpt_lightning.data.tokenizer import Tokenizer, build_tokenizer
 from picogpt_lightning.quant import BitLinear, NF4Linear, PackedBitLinear, pack_bitnet, quantize_nf4
 from picogpt_lightning.quant.bitnet import pack_codes, unpack_codes
+from picogpt_lightning.quant.packed_file import quantize_checkpoint
 from picogpt_lightning.quant.nf4 import DYNAMIC_CODE, pack_nibbles, unpack_nibbles
 from test_cli_generate import TEXT, run_cli, train_tiny_checkpoint
 
@@ -203,7 +204,7 @@ def bitnet_checkpoint(tmp_path_factory, tokenizer):
 
 def test_packed_bitnet_checkpoint_reloads_with_identical_logits(bitnet_checkpoint, tmp_path):
     out = tmp_path / "packed.pt"
-    quantize_file(bitnet_checkpoint, out, "bitnet")
+    quantize_checkpoint(bitnet_checkpoint, out, "bitnet")
     trained, reloaded = PicoGPT.from_checkpoint(bitnet_checkpoint).eval(), PicoGPT.from_checkpoint(out).eval()
     assert isinstance(reloaded.blocks[0].mlp.up_proj, PackedBitLinear)
     input_ids = torch.randint(0, trained.config.vocab_size, (2, 24))
@@ -213,7 +214,7 @@ def test_packed_bitnet_checkpoint_reloads_with_identical_logits(bitnet_checkpoin
 
 def test_nf4_checkpoint_reloads_as_the_quantized_model(fp_checkpoint, tmp_path):
     out = tmp_path / "nf4.pt"
-    quantize_file(fp_checkpoint, out, "nf4")
+    quantize_checkpoint(fp_checkpoint, out, "nf4")
     expected = quantize_nf4(PicoGPT.from_checkpoint(fp_checkpoint)).eval()
     reloaded = PicoGPT.from_checkpoint(out).eval()
     assert isinstance(reloaded.blocks[1].attn.qkv, NF4Linear)
@@ -257,4 +258,18 @@ def test_quantize_refuses_quantized_and_foreign_checkpoints(fp_checkpoint, bitne
     expect_cli_error(capsys, "holds no model config", "quantize", "--ckpt", str(bare), "--method", "nf4", "--out", again)
     assert not (tmp_path / "again.pt").exists()
     with pytest.raises(CheckpointError, match="already quantized"):
-        quantize_file(packed, tmp_path / "x.pt", "bitnet")
+        quantize_checkpoint(packed, tmp_path / "x.pt", "bitnet")
+
+
+def test_packed_files_are_refused_where_full_precision_weights_are_needed(fp_checkpoint, tmp_path):
+    from picogpt_lightning.hf import export_checkpoint
+    from picogpt_lightning.modules import LanguageModelModule
+
+    packed = tmp_path / "nf4.pt"
+    quantize_checkpoint(fp_checkpoint, packed, "nf4")
+    config = PicoGPT.from_checkpoint(fp_checkpoint).config
+    with pytest.raises(CheckpointError, match="already quantized .* init_from"):
+        LanguageModelModule(config, init_from=str(packed))
+    with pytest.raises(CheckpointError, match="already quantized .* Hugging Face export"):
+        export_checkpoint(str(packed), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
