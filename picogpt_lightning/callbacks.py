@@ -4,6 +4,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -83,3 +84,22 @@ class SampleGenerationCallback(Callback):
                 return generate_texts(model, pl_module.tokenizer, self.prompts, self.generation_config)
         finally:
             model.train(was_training)
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, worded for runs bounded by max_steps.
+
+    With max_steps set Lightning sets max_epochs to -1, and its bar reads "Epoch 0/-2"; this
+    one reads "Epoch 0" then. The logger's version number (v_num) is left out of the metrics.
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = f"Epoch {current_epoch}"
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
+            description += f"/{self.trainer.max_epochs - 1}"
+        return f"{description:{len(self.validation_description)}}"  # as wide as "Validation": no flicker
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

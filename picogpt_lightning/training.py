@@ -5,7 +5,12 @@ several trainings), so both can call it without importing each other.
 """
 
 import sys
+import warnings
 from typing import List
+from unittest.mock import patch
+
+# raised inside Lightning's own tree utilities on recent torch: nothing a user can act on
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def picogpt_cli_class():
@@ -38,21 +43,25 @@ def run_lightning(args: List[str]):
 
     from picogpt_lightning.modules import PicoGPTModule
 
-    cli = picogpt_cli_class()(
-        PicoGPTModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=1337,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "runs", "name": "picogpt"},
-            }
-        },
-        args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given its own argv
-    )
+    own_argv = args == sys.argv[1:]
+    # LightningCLI warns when it is given arguments while the process has command-line arguments
+    # of its own (the pipeline's): those are not for it, so it sees only the program name
+    with patch.object(sys, "argv", sys.argv if own_argv else sys.argv[:1]):
+        cli = picogpt_cli_class()(
+            PicoGPTModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=1337,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "picogpt"},
+                }
+            },
+            args=None if own_argv else args,
+        )
     # a `ddp` process group left alive until interpreter exit can abort the process there
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

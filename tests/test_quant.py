@@ -269,7 +269,7 @@ def test_packed_files_are_refused_where_full_precision_weights_are_needed(fp_che
     quantize_checkpoint(fp_checkpoint, packed, "nf4")
     config = PicoGPT.from_checkpoint(fp_checkpoint).config
     with pytest.raises(CheckpointError, match="already quantized .* init_from"):
-        LanguageModelModule(config, init_from=str(packed))
+        LanguageModelModule(config, init_from=str(packed)).setup("fit")
     with pytest.raises(CheckpointError, match="already quantized .* Hugging Face export"):
         export_checkpoint(str(packed), str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()

@@ -12,18 +12,28 @@ class LanguageModelModule(PicoGPTModule):
 
     `init_from`: a checkpoint of this project whose weights start the run (fine-tuning). Its
     architecture must match `config`; training-time fields (dropout, neftune_noise_alpha) may differ.
+    It is read when a run starts (`setup`), not when the module is built: a checkpoint of the
+    fine-tuned run restores its own weights (`load_from_checkpoint`), so it never needs the base again.
     """
 
     def __init__(self, config: PicoGPTConfig, init_from: Optional[str] = None, **kwargs):
         super().__init__(config, **kwargs)
         self.save_hyperparameters()
-        self.model = PicoGPT(config) if init_from is None else self.load_initial_model(init_from, config)
+        self.model = PicoGPT(config)
+        self._pending_init_from = init_from
 
-    @staticmethod
-    def load_initial_model(path: str, config: PicoGPTConfig) -> PicoGPT:
-        checkpoint = checkpoints.load(path)
-        checkpoints.require_unquantized(checkpoint, "init_from (training needs full-precision weights)")
-        return PicoGPT.from_checkpoint(checkpoint, config=config)
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self._pending_init_from is not None:
+            checkpoint = checkpoints.load(self._pending_init_from)
+            checkpoints.require_unquantized(checkpoint, "init_from (training needs full-precision weights)")
+            checkpoint.resolve_config(self.config)  # same architecture, or a one-line error naming the fields
+            checkpoint.load_weights(self.model)
+            self._pending_init_from = None  # once: a second fit or validate keeps the trained weights
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._pending_init_from = None  # the checkpoint's own weights replace the starting point
 
     def compute_losses(self, batch):
         logits = self.model(batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
