@@ -118,10 +118,15 @@ def main() -> None:
     same_steps = steps["fp32 baseline"] == steps["BitNet b1.58"] == steps["BitNet 1-bit"]
     reduced = (
         "" if steps["fp32 baseline"] == steps["fp32"] else
-        f" The CPU time available allowed {steps['fp32 baseline']} steps rather than pretrain_cpu's {steps['fp32']},"
-        f" so all three models of this table, the fp32 one too, were trained with pretrain_cpu's recipe for"
-        f" {steps['fp32 baseline']} steps (the cosine schedule ends at that step)."
+        f"\nThe CPU time available allowed {steps['fp32 baseline']} steps rather than pretrain_cpu's {steps['fp32']},"
+        f"\nso all three models of this table, the fp32 one too, were trained with pretrain_cpu's recipe for"
+        f"\n{steps['fp32 baseline']} steps (the cosine schedule ends at that step)."
     )
+
+    def bitnet_gap(name: str) -> str:
+        smaller = linear_weight_bytes(models["fp32 baseline"]) / linear_weight_bytes(models[name])
+        return f"{losses[name] - losses['fp32 baseline']:+.4f} nats/token away with {smaller:.0f}x smaller linear weights"
+
     body = f"""`python -m benchmarks.bench_quant{"" if args.fp32 == FP32_CKPT else " --fp32 FP32"} --bitnet1.58 B158 --bitnet1 B1{"" if args.fp32_baseline is None else " --fp32_baseline FP32_SAME_STEPS"}` on {machine_description()}.
 
 "Linear weights" are the blocks' projections, all that is quantized (embeddings, norms and the
@@ -129,8 +134,8 @@ tied lm_head stay fp32 in every model), with every scale they need counted. Val 
 cross-entropy over pretrain_cpu's 2400 validation windows, the same for every model. Generation:
 greedy with the KV cache, one {PROMPT_TOKENS}-token prompt filled to the 64-token block, median of
 {args.repeats} runs taking turns, so load on the machine weighs on all models alike (compare
-tokens/s within a table, not with other sections). File: the checkpoint as written (the fp32 rows: Lightning's .ckpt,
-optimizer state included; the others: the packed file `quantize` writes).
+tokens/s within a table, not with other sections). File: the checkpoint as written (fp32: Lightning's
+.ckpt, optimizer state included; the others: the packed file `quantize` writes).
 
 **NF4** (`quantize --method nf4`: block size 64, double-quantized absmax) of a configs/pretrain_cpu.yaml
 checkpoint (char level, 4 layers, width 128):
@@ -148,10 +153,9 @@ identical to its training model's.{reduced}
 
 {markdown_table(headers, [row("fp32 baseline", "fp32 baseline"), row("BitNet b1.58", "fp32 baseline"), row("BitNet 1-bit", "fp32 baseline")])}
 
-Same steps for all three: {"yes" if same_steps else "**no**"}. BitNet b1.58 ends {losses['BitNet b1.58'] - losses['fp32 baseline']:+.4f}
-and 1-bit BitNet {losses['BitNet 1-bit'] - losses['fp32 baseline']:+.4f} nats/token from fp32, with
-{linear_weight_bytes(models['fp32 baseline']) / linear_weight_bytes(models['BitNet b1.58']):.0f}x and
-{linear_weight_bytes(models['fp32 baseline']) / linear_weight_bytes(models['BitNet 1-bit']):.0f}x smaller linear weights.
+Same steps for all three: {"yes" if same_steps else "**no**"}. Against fp32, BitNet b1.58 ends {bitnet_gap("BitNet b1.58")}
+and 1-bit BitNet {bitnet_gap("BitNet 1-bit")}. The packed BitNet layers
+decode slower than fp32 for NF4's reason: every step unpacks the codes again in plain PyTorch.
 """
     write_section("quantization", "Quantization: NF4 and BitNet", body)
 

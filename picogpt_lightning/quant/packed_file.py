@@ -42,6 +42,8 @@ def quantize_checkpoint(source, out, method: str, block_size: int = 64, double_q
     else:
         quantization = {"method": "bitnet"}
     checkpoints.build_packed_layers(model, quantization, checkpoint.path)
-    extra = {} if checkpoint.tokenizer_dict is None else {checkpoints.TOKENIZER_KEY: checkpoint.tokenizer_dict}
+    extra = {"global_step": checkpoint.global_step}  # how long the source model trained, for the record
+    if checkpoint.tokenizer_dict is not None:
+        extra[checkpoints.TOKENIZER_KEY] = checkpoint.tokenizer_dict
     checkpoints.save_quantized(out, model, quantization, **extra)
     return quantization
