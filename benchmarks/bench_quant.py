@@ -28,7 +28,7 @@ from torch import nn
 from benchmarks.report import machine_description, markdown_table, write_section
 from picogpt_lightning import PicoGPT, checkpoints
 from picogpt_lightning.data import TinyShakespeareDataModule
-from picogpt_lightning.pipeline import mean_val_loss
+from picogpt_lightning.pipeline import val_loss
 from picogpt_lightning.quant import NF4Linear, PackedBitLinear
 from picogpt_lightning.quant.packed_file import quantize_checkpoint
 
@@ -98,7 +98,7 @@ def main() -> None:
                 path = packed_path
             models[name], steps[name], file_bytes[name] = model, checkpoint.global_step, os.path.getsize(path)
 
-    losses = {name: mean_val_loss(model, datamodule) for name, model in models.items()}
+    losses = {name: val_loss(model, datamodule) for name, model in models.items()}
     speed = generation_tokens_per_second(models, models["fp32"].config.block_size - PROMPT_TOKENS, args.repeats)
 
     def row(name: str, baseline: str) -> list:

@@ -158,14 +158,15 @@ def evaluate(name: str, checkpoint_path: Path) -> StageResult:
 
     checkpoint = checkpoints.load(str(checkpoint_path))
     datamodule = TinyShakespeareDataModule(**checkpoint.datamodule_hparams)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = PicoGPT.from_checkpoint(checkpoint).to(device).eval()
-    return StageResult(name, model.num_parameters(), checkpoint.global_step, mean_val_loss(model, datamodule, device))
+    model = PicoGPT.from_checkpoint(checkpoint)
+    return StageResult(name, model.num_parameters(), checkpoint.global_step, val_loss(model, datamodule))
 
 
-def mean_val_loss(model: PicoGPT, datamodule, device: str = "cpu") -> float:
-    """Next-token cross-entropy over every real token of the data module's validation windows."""
+def val_loss(model: PicoGPT, datamodule) -> float:
+    """Mean next-token cross-entropy per real token of `model` over the datamodule's validation set."""
     datamodule.setup("validate")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).eval()
     total, tokens = 0.0, 0
     with torch.no_grad():
         for batch in datamodule.val_dataloader():

@@ -261,8 +261,9 @@ def test_quantize_refuses_quantized_and_foreign_checkpoints(fp_checkpoint, bitne
         quantize_checkpoint(packed, tmp_path / "x.pt", "bitnet")
 
 
-def test_packed_files_are_refused_where_full_precision_weights_are_needed(fp_checkpoint, tmp_path):
+def test_packed_files_are_refused_for_training_merging_and_export(fp_checkpoint, tmp_path):
     from picogpt_lightning.hf import export_checkpoint
+    from picogpt_lightning.merge import merge_checkpoints
     from picogpt_lightning.modules import LanguageModelModule
 
     packed = tmp_path / "nf4.pt"
@@ -270,6 +271,9 @@ def test_packed_files_are_refused_where_full_precision_weights_are_needed(fp_che
     config = PicoGPT.from_checkpoint(fp_checkpoint).config
     with pytest.raises(CheckpointError, match="already quantized .* init_from"):
         LanguageModelModule(config, init_from=str(packed)).setup("fit")
+    with pytest.raises(CheckpointError, match="already quantized .* merging"):
+        merge_checkpoints(fp_checkpoint, str(packed), str(tmp_path / "merged.ckpt"), 0.5)
+    assert not (tmp_path / "merged.ckpt").exists()
     with pytest.raises(CheckpointError, match="already quantized .* Hugging Face export"):
         export_checkpoint(str(packed), str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
