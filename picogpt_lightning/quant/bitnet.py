@@ -10,8 +10,8 @@ Training keeps full-precision latent weights and quantizes them on every forward
     y   = linear(a, w)
 
 Gradients pass the rounding unchanged (straight-through estimator). After training,
-`pack_bitlinear` stores each weight as its code (2 bits or 1 bit) plus one scale, and
-`PackedBitLinear` computes exactly what the training layer computed.
+`pack_bitnet` swaps each BitLinear for a `PackedBitLinear`, which stores each weight as its
+code (2 bits or 1 bit) plus one scale and computes exactly what the training layer computed.
 
 Pure PyTorch: the model package builds these layers, so nothing here imports Lightning.
 """
