@@ -33,6 +33,14 @@ def picogpt_cli_class():
             # the tokenizer decides the vocabulary: the model takes its size from the data
             parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size", apply_on="instantiate")
 
+        def before_fit(self):
+            from picogpt_lightning.checkpoints import require_training_state
+
+            # Lightning would fail on a weights-only file with a KeyError deep in its migration code
+            require_training_state(self.config[self.subcommand].get("ckpt_path"))
+
+        before_validate = before_test = before_predict = before_fit
+
     return PicoGPTCLI
 
 

@@ -7,13 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from picogpt_lightning.model.config import PicoGPTConfig
+from picogpt_lightning.quant.bitnet import BitLinear
 
 KVCache = Tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (B, n_query_groups, T_past, head_size)
 
 
 def make_linear(config: PicoGPTConfig, in_features: int, out_features: int) -> nn.Module:
     """The one place a projection is built, so the linear kind can be switched by config."""
-    return nn.Linear(in_features, out_features, bias=config.bias)
+    if config.linear == "linear":
+        return nn.Linear(in_features, out_features, bias=config.bias)
+    return BitLinear(in_features, out_features, bias=config.bias, kind=config.linear)
 
 
 class RotaryEmbedding(nn.Module):
