@@ -66,12 +66,15 @@ def build_attention_mask(
 ) -> Optional[torch.Tensor]:
     """A boolean (B, 1, T_q, T_k) mask, True = may attend: causal and not a pad key.
 
-    Returns None when SDPA's own causal flag (no cache) or no mask at all (one cached
-    query) is exact, so it can take its fastest path. Every query may always see itself,
+    Without `attention_mask` (no padding) returns None when SDPA's own causal flag (no
+    cache) or no mask at all (one cached query) is exact, so it can take its fastest path.
+    A given mask is always applied, built with tensor ops only: asking whether it is all
+    ones would stall the GPU and break a compiled graph, so callers that know there is no
+    padding pass None (the collator and generate do). Every query may always see itself,
     so a pad query whose keys are all pads (left padding) gets a finite output instead
     of NaN; real tokens never read pad positions, so that choice reaches no real output.
     """
-    no_padding = attention_mask is None or bool(attention_mask.all())
+    no_padding = attention_mask is None
     if no_padding and (past_len == 0 or query_len == 1):
         return None
     key_len = past_len + query_len
