@@ -39,6 +39,7 @@ class LanguageModelModule(PicoGPTModule):
         super().setup(stage)
         if self._pending_init_from is not None:
             checkpoint = checkpoints.load(self._pending_init_from)
+            checkpoints.require_unquantized(checkpoint, "init_from (training needs full-precision weights)")
             checkpoint.resolve_config(self.config)  # same architecture, or a one-line error naming the fields
             checkpoint.load_weights(self.model)
             self._pending_init_from = None  # once: a second fit or validate keeps the trained weights
