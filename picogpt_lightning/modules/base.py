@@ -1,7 +1,8 @@
 """What every training recipe here shares: optimizer, schedule, logging, checkpoint contents.
 
 Subclasses build `self.model` (the PicoGPT being trained) and implement `compute_losses`;
-the loop, the optimizer and what goes into a checkpoint live here once.
+the loop, the optimizer and what goes into a checkpoint live here once, and so does the
+handling of a frozen model beside the trained one (a distillation teacher, a DPO reference).
 """
 
 import inspect
@@ -15,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.utilities import GradClipAlgorithmType
+from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from torch.distributed.tensor import DTensor
 from torchmetrics.text import Perplexity
@@ -112,6 +114,38 @@ class PicoGPTModule(L.LightningModule):
         self.tokenizer = None  # taken from the datamodule in setup(), stored in checkpoints
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self._step_items = None  # loss items counted so far in this optimizer step (see training_step)
+        self._frozen_saved: Dict[str, bool] = {}  # attribute name of each frozen model -> kept in checkpoints
+
+    # ---- frozen models beside the trained one -----------------------------------------
+
+    def add_frozen(self, name: str, model: nn.Module, save: bool = False) -> nn.Module:
+        """Keeps `model` as `self.<name>`, frozen: eval mode for good, no gradients, not in the optimizer,
+        and left out of checkpoints unless `save` (it is rebuilt from its own source instead)."""
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        setattr(self, name, model)
+        self._frozen_saved[name] = save
+        return model
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Strict, except that a frozen model left out of checkpoints may be missing (it comes from its path)."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        unsaved = tuple(f"{name}." for name, save in self._frozen_saved.items() if not save)
+        missing = [key for key in result.missing_keys if not key.startswith(unsaved)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"the checkpoint does not match the trained model: missing keys {missing}, "
+                f"unexpected keys {result.unexpected_keys}"
+            )
+        return result
+
+    def train(self, mode: bool = True):
+        # Lightning switches the whole module to train mode every epoch; frozen models keep dropout off
+        super().train(mode)
+        for name in getattr(self, "_frozen_saved", {}):
+            getattr(self, name).eval()
+        return self
 
     # ---- what subclasses define -------------------------------------------------------
 
@@ -206,10 +240,10 @@ class PicoGPTModule(L.LightningModule):
     def _log_losses(self, stage, losses, batch, **log_options) -> None:
         # weight each batch by its real tokens so epoch means are per-token means; per-step values
         # need no weight, and counting there would stall the GPU once every training step
-        tokens = int((batch["labels"] != IGNORE_INDEX).sum()) if log_options.get("on_epoch") else None
+        weight = int(self.loss_items(batch)) if log_options.get("on_epoch") else None
         for name, value in losses.items():
             self.log(
-                f"{stage}/{name}", value.detach(), batch_size=tokens, sync_dist=stage != "train", **log_options
+                f"{stage}/{name}", value.detach(), batch_size=weight, sync_dist=stage != "train", **log_options
             )
 
     # ---- setup, optimizer, schedule ---------------------------------------------------
@@ -302,6 +336,11 @@ class PicoGPTModule(L.LightningModule):
         checkpoint[CONFIG_KEY] = self.config.to_dict()
         if self.tokenizer is not None:
             checkpoint[TOKENIZER_KEY] = self.tokenizer.to_dict()
+        state_dict = checkpoint.get(STATE_DICT_KEY, {})
+        for name, save in self._frozen_saved.items():
+            if not save:
+                for key in [key for key in state_dict if key.startswith(f"{name}.")]:
+                    del state_dict[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if STATE_DICT_KEY in checkpoint:  # resuming from a run that wrapped the model in torch.compile
