@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -70,21 +71,26 @@ def picogpt_cli_class():
             # can disagree with it: parsing again without defaults tells it from the config's default
             given = parser.parse_args(args, defaults=False)
             self.given_vocab_size = given.get(f"{given.get('subcommand')}.model.init_args.config.vocab_size")
+            subcommand = self.config.get("subcommand")
+            if subcommand is not None:  # before LightningCLI reads the file's hyperparameters (a raw torch.load)
+                check_ckpt_path(self.config[subcommand].get("ckpt_path"), resuming=subcommand == "fit")
 
         def before_instantiate_classes(self) -> None:
             if self.subcommand is None:
                 return
-            config = self.config[self.subcommand]
-            check_ckpt_path(config.get("ckpt_path"), resuming=self.subcommand == "fit")
             if self.subcommand == "fit":
-                claim_version_directory(config.trainer.get("logger"))
+                claim_version_directory(self.config[self.subcommand].trainer.get("logger"))
 
-        def before_fit(self) -> None:
+        def instantiate_trainer(self, **kwargs):
+            # checked before the Trainer exists, so the error is all the user sees
             try:
                 check_vocab_size(self.given_vocab_size, self.datamodule)
             except CommandLineError:
                 release_version_directory(self.config[self.subcommand].trainer.get("logger"))
                 raise
+            return super().instantiate_trainer(**kwargs)
+
+        def before_fit(self) -> None:
             for callback in self.trainer.callbacks:
                 if isinstance(callback, InterruptCheckpoint):
                     callback.resume_command = self.resume_command
@@ -114,6 +120,8 @@ def run_lightning(args: List[str]):
     from picogpt_lightning.callbacks import InterruptCheckpoint
     from picogpt_lightning.modules import PicoGPTModule
 
+    # Lightning cannot see that the data module restores the train loader's position (see its state_dict)
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     cli = picogpt_cli_class()(
         PicoGPTModule,
         LightningDataModule,

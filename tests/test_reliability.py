@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -130,10 +131,13 @@ def test_sigterm_saves_the_step_exits_143_and_resumes_exactly(corpus_path, tmp_p
     resume_line = [line for line in stderr.splitlines() if line.startswith("resume with: ")][-1]
     assert resume_line.endswith(f"--ckpt_path {saved[0]}")
 
-    # the printed command (plus the loss log) continues where the first run stopped
-    assert resume_line == f"resume with: python -m picogpt_lightning fit --config {config} --ckpt_path {saved[0]}"
-    subprocess.run(fit_command(config, "--ckpt_path", str(saved[0]), log=rest_log),
-                   check=True, capture_output=True, cwd=tmp_path, env=environment())
+    # the printed command is the first one plus --ckpt_path; run as printed (logging elsewhere, without
+    # the pause), it continues where the first run stopped
+    printed = shlex.split(resume_line.removeprefix("resume with: "))
+    first_command = fit_command(config, log=first_log, pause=0.2)
+    assert printed == ["python", "-m", "picogpt_lightning", *first_command[3:], "--ckpt_path", str(saved[0])]
+    resume = [sys.executable] + [arg.replace(str(first_log), str(rest_log)).replace("pause=0.2", "pause=0.0") for arg in printed[1:]]
+    subprocess.run(resume, check=True, capture_output=True, cwd=tmp_path, env=environment())
     assert logged_losses(first_log) + logged_losses(rest_log) == logged_losses(straight_log)
 
 
@@ -147,7 +151,10 @@ def test_non_finite_loss_stops_with_one_line_and_no_nan_checkpoint(corpus_path, 
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and "non-finite" in error_lines[0] and "at step" in error_lines[0], result.stderr
+    assert len(error_lines) == 1 and "non-finite" in error_lines[0], result.stderr
+    step = int(error_lines[0].split(" step ")[1].split(";")[0])
+    last_good = error_lines[0].split("Last good checkpoint: ")[1].split(". ")[0]
+    assert 0 < checkpoints.load(last_good).global_step < step  # named, and from before the divergence
     for path in (tmp_path / "runs").rglob("*.ckpt"):
         assert all(torch.isfinite(t).all() for t in checkpoints.load(path).state_dict.values()), path
 
@@ -237,7 +244,8 @@ def test_init_from_refuses_a_checkpoint_of_another_tokenizer(corpus_path, tmp_pa
     from picogpt_lightning.data.tokenizer import build_tokenizer
 
     text = corpus_path.read_text(encoding="utf-8")
-    other = build_tokenizer("char", text=text[::-1].swapcase())  # other characters, maybe the same count
+    other = build_tokenizer("char", text=text.replace("Z", "#"))  # as many characters, one of them another
+    assert other.vocab_size == 65
     path = tmp_path / "other.pt"
     checkpoints.save(path, PicoGPT(tiny_config()), tokenizer=other)
     model = LanguageModelModule(tiny_config(), init_from=str(path))
