@@ -107,9 +107,9 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # every_minutes
-        if 0 < trainer.max_steps <= trainer.global_step:
-            # the last step, saved here rather than at on_train_end: by then Lightning counts the epoch as
-            # finished, and a run resumed to more steps would start the next epoch instead of finishing this one
+        if 0 < trainer.max_steps <= trainer.global_step or trainer.should_stop:
+            # the last step (max_steps, an interruption, early stopping), saved here rather than at on_train_end:
+            # by then Lightning counts the epoch as finished, and a resumed run would skip the epoch's rest
             self.save_now(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:

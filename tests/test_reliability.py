@@ -128,6 +128,7 @@ def test_sigterm_saves_the_step_exits_143_and_resumes_exactly(corpus_path, tmp_p
     assert 5 <= steps_done < 40
     saved = list((tmp_path / "runs").glob(f"tiny/version_*/checkpoints/interrupted-step={steps_done}.ckpt"))
     assert len(saved) == 1 and checkpoints.load(saved[0]).global_step == steps_done
+    assert checkpoints.load(saved[0].parent / "last.ckpt").global_step == steps_done  # last.ckpt is the last state
     resume_line = [line for line in stderr.splitlines() if line.startswith("resume with: ")][-1]
     assert resume_line.endswith(f"--ckpt_path {saved[0]}")
 
