@@ -27,7 +27,8 @@ CONFIG_KEY = "picogpt_config"  # PicoGPTConfig.to_dict()
 TOKENIZER_KEY = "picogpt_tokenizer"  # Tokenizer.to_dict()
 STATE_DICT_KEY = "state_dict"
 MODEL_PREFIX = "model."  # LightningModules here keep the trained PicoGPT as `self.model`
-COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps modules under this attribute name
+COMPILE_PREFIX = "_orig_mod."
+LIGHTNING_VERSION_KEY = "pytorch-lightning_version"  # in every checkpoint the Lightning Trainer writes  # torch.compile wraps modules under this attribute name
 # fields that change how a model is trained, not what it computes: they may differ between
 # a stored config and the one a run asks for
 TRAINING_ONLY_FIELDS = ("dropout", "neftune_noise_alpha")
@@ -113,9 +114,25 @@ def load(path) -> Checkpoint:
     return Checkpoint(path, state_dict, config, contents.get(TOKENIZER_KEY), contents)
 
 
-def read_file(path: str) -> Any:
+def require_training_state(path) -> None:
+    """Refuses, in one line, a weights-only file (`save`, `merge`) given where Lightning resumes a run.
+
+    Lightning's `--ckpt_path` restores the loops, optimizer and schedule too, which only its own
+    checkpoints hold; "last", "best" and missing paths are left for Lightning to resolve.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        return
+    contents = read_file(os.fspath(path), mmap=True)  # mapped: the weights themselves are not read
+    if isinstance(contents, dict) and LIGHTNING_VERSION_KEY not in contents:
+        raise CheckpointError(
+            f"{path} holds weights only (written by PicoGPT.save or the merge command), not a Lightning training "
+            f"state to resume; start from its weights with --model.init_args.init_from {path} instead of --ckpt_path"
+        )
+
+
+def read_file(path: str, mmap: bool = False) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means one of two things to the user
         if "GLOBAL" in str(error) or "Unsupported global" in str(error):  # a type outside the allow-list
             raise CheckpointError(

@@ -1,5 +1,9 @@
 """PicoGPT <-> transformers' LlamaForCausalLM, weight for weight.
 
+Written against transformers 5 (setup.cfg pins it): RoPE settings live in the config's
+`rope_parameters`, where transformers 5 also files the `rope_theta` and `rope_scaling` of
+older config.json files, so both are read (and unsupported scalings refused) in one place.
+
 The two models compute the same function: llama's decoder is exactly PicoGPT with
 mlp="swiglu". The only layout difference is attention's fused projection: PicoGPT
 keeps q, k and v in one matrix whose rows are [n_head * hs | groups * hs | groups * hs],

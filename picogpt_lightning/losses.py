@@ -113,5 +113,7 @@ def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Ten
         return values.mean()
     if mask.shape != values.shape:
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(values.shape)} (batch, length)")
+    # torch.where, not values[mask]: boolean indexing has a data-dependent shape, which syncs the
+    # host with the GPU and breaks a compiled graph
     keep = mask.bool()
-    return values[keep].sum() / keep.sum().clamp(min=1)
+    return torch.where(keep, values, 0.0).sum() / keep.sum().clamp(min=1)

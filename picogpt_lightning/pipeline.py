@@ -8,7 +8,9 @@ could not run by hand. Afterwards the three final checkpoints are scored by one 
 the same validation windows, and the distilled student writes a sample.
 """
 
+import logging
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -80,13 +82,38 @@ def run_pipeline(
         if stage == "distill":
             args += ["--model.init_args.teacher", teacher_checkpoint]
         shutil.rmtree(out / stage, ignore_errors=True)  # a leftover last.ckpt would make Lightning write last-v1.ckpt
-        print(f"\n==> {stage}: python -m picogpt_lightning {' '.join(args)}\n", flush=True)
-        run_lightning(args)
+        length = f"{steps[role]} steps" if steps[role] else "the recipe's steps"
+        print(f"\n==> {STAGE_TITLES[stage]}: configs/{stage}.yaml, {length}; checkpoint {out / stage / 'last.ckpt'}, "
+              f"TensorBoard logs in {out / 'runs' / stage}", flush=True)
+        with lightning_reports_only_warnings():
+            run_lightning(args)
 
     results = [evaluate(stage, out / stage / "last.ckpt") for stage in STAGES]
     text = sample(out / "distill" / "last.ckpt", prompt, sample_tokens)
     print_results(results, text)
     return results, text
+
+
+STAGE_TITLES = {
+    "teacher": "training the teacher",
+    "distill": "distilling the student from the teacher",
+    "student": "training the same student alone",
+}
+
+
+@contextmanager
+def lightning_reports_only_warnings():
+    """The pipeline prints one line per stage itself: Lightning's start-up notes (devices, tips, model
+    summary) would bury them, so only its warnings and the progress bar show while a stage runs."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def stage_flags(stage: str, out: Path, progress_bar: bool) -> List[str]:
@@ -96,7 +123,9 @@ def stage_flags(stage: str, out: Path, progress_bar: bool) -> List[str]:
         "--checkpoint.monitor", "null",
         "--trainer.limit_val_batches", "0",
         "--trainer.logger.init_args.save_dir", str(out / "runs"),
+        "--trainer.logger.init_args.name", stage,
         "--trainer.enable_progress_bar", str(progress_bar).lower(),
+        "--trainer.enable_model_summary", "false",
     ]
 
 
@@ -113,6 +142,8 @@ def cpu_flags(role: str) -> List[str]:
 
 def step_flags(steps: int, batch_size: Optional[int]) -> List[str]:
     flags = ["--trainer.max_steps", str(steps), "--model.init_args.lr_decay_steps", str(steps)]
+    if steps < 10:  # Lightning warns when a run is shorter than its logging interval
+        flags += ["--trainer.log_every_n_steps", "1"]
     if batch_size is not None:  # one fresh window per sample, as many as the run consumes
         flags += ["--data.init_args.train_samples", str(steps * batch_size)]
     return flags
@@ -127,9 +158,15 @@ def evaluate(name: str, checkpoint_path: Path) -> StageResult:
 
     checkpoint = checkpoints.load(str(checkpoint_path))
     datamodule = TinyShakespeareDataModule(**checkpoint.datamodule_hparams)
+    model = PicoGPT.from_checkpoint(checkpoint)
+    return StageResult(name, model.num_parameters(), checkpoint.global_step, val_loss(model, datamodule))
+
+
+def val_loss(model: PicoGPT, datamodule) -> float:
+    """Mean next-token cross-entropy per real token of `model` over the datamodule's validation set."""
     datamodule.setup("validate")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = PicoGPT.from_checkpoint(checkpoint).to(device).eval()
+    model = model.to(device).eval()
     total, tokens = 0.0, 0
     with torch.no_grad():
         for batch in datamodule.val_dataloader():
@@ -138,7 +175,7 @@ def evaluate(name: str, checkpoint_path: Path) -> StageResult:
             batch_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
             total += next_token_loss(logits, batch["labels"]).item() * batch_tokens
             tokens += batch_tokens
-    return StageResult(name, model.num_parameters(), checkpoint.global_step, total / tokens)
+    return total / tokens
 
 
 def sample(checkpoint_path: Path, prompt: str, max_new_tokens: int) -> str:

@@ -17,6 +17,10 @@ import sys
 import warnings
 from pathlib import Path
 from typing import List, Optional
+from unittest.mock import patch
+
+# raised inside Lightning's own tree utilities on recent torch: nothing a user can act on
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 PROG = "python -m picogpt_lightning"
 
@@ -73,7 +77,7 @@ def picogpt_cli_class():
             self.given_vocab_size = given.get(f"{given.get('subcommand')}.model.init_args.config.vocab_size")
             subcommand = self.config.get("subcommand")
             if subcommand is not None:  # before LightningCLI reads the file's hyperparameters (a raw torch.load)
-                check_ckpt_path(self.config[subcommand].get("ckpt_path"), resuming=subcommand == "fit")
+                check_ckpt_path(self.config[subcommand].get("ckpt_path"))
 
         def before_instantiate_classes(self) -> None:
             if self.subcommand is None:
@@ -122,22 +126,26 @@ def run_lightning(args: List[str]):
 
     # Lightning cannot see that the data module restores the train loader's position (see its state_dict)
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    cli = picogpt_cli_class()(
-        PicoGPTModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=1337,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "runs", "name": "picogpt"},
-            }
-        },
-        args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given its own argv
-        command_line=list(args),
-    )
+    own_argv = args == sys.argv[1:]
+    # LightningCLI warns when it is given arguments while the process has command-line arguments
+    # of its own (the pipeline's): those are not for it, so it sees only the program name
+    with patch.object(sys, "argv", sys.argv if own_argv else sys.argv[:1]):
+        cli = picogpt_cli_class()(
+            PicoGPTModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=1337,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "picogpt"},
+                }
+            },
+            args=None if own_argv else args,
+            command_line=list(args),
+        )
     # a `ddp` process group left alive until interpreter exit can abort the process there
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -168,18 +176,15 @@ def check_yaml_files(args: List[str]) -> None:
             raise CommandLineError(f"{where}: invalid YAML ({problem})") from None
 
 
-def check_ckpt_path(ckpt_path, resuming: bool) -> None:
-    """A --ckpt_path to resume from must be a readable checkpoint, found before any run directory is made."""
+def check_ckpt_path(ckpt_path) -> None:
+    """A --ckpt_path must be a readable Lightning checkpoint, found before any run directory is made."""
     if ckpt_path is None or ckpt_path in ("last", "best", "hpc", "registry"):  # Lightning resolves these itself
         return
     from picogpt_lightning import checkpoints
 
-    contents = checkpoints.load(str(ckpt_path)).contents  # one-line errors: missing, truncated, foreign
-    if resuming and "loops" not in contents:
-        raise CommandLineError(
-            f"--ckpt_path {ckpt_path} holds weights, not a training state to resume; "
-            "start a new run from it with --model.init_args.init_from instead"
-        )
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path} not found; check the path (runs write them under checkpoints/)")
+    checkpoints.require_training_state(ckpt_path)  # one-line errors: truncated, foreign, weights only
 
 
 def check_vocab_size(requested: Optional[int], datamodule) -> None:

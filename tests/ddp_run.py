@@ -6,6 +6,10 @@ runs Lightning's `ddp` strategy with 2 CPU processes (gloo) twice: per-device ba
 per-device batch 2 with 2 accumulated micro-batches. Lightning starts rank 1 by running this
 same command line again, which is why DDP runs here and not inside pytest's process. The test
 compares both with `train(devices=1, batch_size=8)`: one process, the same global batches.
+
+With `--teacher PATH` it also takes one plain SGD step per module (LM, distillation) over
+four micro-batches of different real-token counts, two per rank with accumulation 2, and
+saves the weights: token weighting must make that the step over all four as one batch.
 """
 
 import argparse
@@ -18,9 +22,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from picogpt_lightning.data import PadCollator
 from picogpt_lightning.modules import LanguageModelModule
-from tiny_training import SEED, LossRecorder, quiet_trainer, seed_everything, tiny_config, tiny_datamodule
+from tiny_training import (
+    SEED, LossRecorder, SGDLanguageModel, collate, distillation_module, one_sgd_step, quiet_trainer,
+    seed_everything, tiny_config, tiny_datamodule, uneven_sequences,
+)
 
 STEPS = 5
+UNEVEN_RUNS = ("lm", "distill")
 DDP_RUNS = {"batch4": dict(batch_size=4, accumulate=1), "batch2_accumulate2": dict(batch_size=2, accumulate=2)}
 
 
@@ -53,12 +61,37 @@ def train(corpus, devices: int, batch_size: int, accumulate: int = 1):
     return recorder.losses, model.model.state_dict(), trainer
 
 
+def uneven_module(kind: str, teacher: str):
+    if kind == "lm":
+        seed_everything()
+        return SGDLanguageModel(tiny_config())
+    return distillation_module(teacher)
+
+
+def uneven_step_on_two_ranks(kind: str, teacher: str):
+    """Rank 0 accumulates micro-batches 0 and 2, rank 1 micro-batches 1 and 3."""
+    batches = [collate(sequences) for sequences in uneven_sequences()]
+    module = uneven_module(kind, teacher)
+    trainer = one_sgd_step(module, [batches[0::2], batches[1::2]], accumulate=2, devices=2)
+    return module, trainer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--corpus", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--teacher")
     args = parser.parse_args()
     torch.set_num_threads(1)  # two ranks share two cores
+
+    if args.teacher:
+        for kind in UNEVEN_RUNS:
+            module, trainer = uneven_step_on_two_ranks(kind, args.teacher)
+            if trainer.is_global_zero:
+                out = Path(args.out) / f"uneven_{kind}"
+                out.mkdir(parents=True, exist_ok=True)
+                weights = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+                torch.save(weights, out / "weights.pt")
 
     for name, options in DDP_RUNS.items():
         losses, weights, trainer = train(args.corpus, devices=2, **options)

@@ -11,7 +11,9 @@ import yaml
 
 from picogpt_lightning import PicoGPT, PicoGPTConfig
 from picogpt_lightning.cli import main as cli_main
+from picogpt_lightning.data.tokenizer import Tokenizer
 from picogpt_lightning.modules import DistillationModule
+from picogpt_lightning.modules.base import flops_per_token
 
 VOCAB = 20
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +105,31 @@ def test_checkpoint_leaves_the_teacher_out_unless_asked(tmp_path):
         assert "picogpt_config" in checkpoint  # the base's contents are still written
         # resuming without the teacher's weights works: they come from the teacher's path
         module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
+
+
+def test_loading_is_strict_for_the_student(tmp_path):
+    module = DistillationModule(student_config(), teacher=saved_teacher(tmp_path))
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    missing = dict(checkpoint["state_dict"])
+    del missing["model.blocks.1.mlp.up_proj.weight"]
+    with pytest.raises(RuntimeError, match=r"missing keys \['model.blocks.1.mlp.up_proj.weight'\]"):
+        module.load_state_dict(missing)
+    renamed = {key.replace("model.norm.", "model.final_norm."): value for key, value in checkpoint["state_dict"].items()}
+    with pytest.raises(RuntimeError, match="unexpected keys.*model.final_norm.weight"):
+        module.load_state_dict(renamed)
+
+
+def test_teacher_is_skipped_when_its_losses_are_off(tmp_path):
+    module = DistillationModule(student_config(), teacher=saved_teacher(tmp_path), alpha_ce=1.0, alpha_kd=0.0)
+    calls = []
+    module.teacher.register_forward_hook(lambda *args: calls.append(1))
+    batch = random_batch()
+    losses, logits = module.compute_losses(batch)
+    assert calls == [] and set(losses) == {"loss", "ce"}
+    real = batch["labels"] != -100
+    torch.testing.assert_close(losses["loss"], F.cross_entropy(logits[real], batch["labels"][real]))
+    assert module.module_flops_per_token(10, training=True) == flops_per_token(student_config(), 10, training=True)
 
 
 def test_bad_settings_fail_with_clear_errors(tmp_path):
@@ -217,13 +244,25 @@ def test_transformers_teacher_distils_through_the_cli(tmp_path, corpus, model_cl
     assert student.config.vocab_size == AutoConfig.from_pretrained(teacher).vocab_size
 
 
-def test_vocabulary_mismatch_fails_before_training_with_a_clear_error(tmp_path, corpus):
+def test_teacher_with_a_vocabulary_padded_past_its_tokenizer_distils_through_the_cli(tmp_path, corpus):
+    """Like Pythia (50,304 rows for 50,277 tokens): the student takes the teacher's 70 rows, the tokenizer has 65."""
     teacher = save_hf_teacher(tmp_path / "teacher", corpus, "LlamaForCausalLM", "char", extra_vocab=5)
+    checkpoint_path = fit_distillation(tmp_path, corpus, teacher, alpha_ce=0.5)
+
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3
+    student = PicoGPT.from_checkpoint(str(checkpoint_path))
+    assert student.config.vocab_size == 70 and student.lm_head.out_features == 70
+    assert Tokenizer.from_checkpoint(str(checkpoint_path)).vocab_size == 65
+
+
+def test_tokenizer_larger_than_the_teachers_vocabulary_fails_before_training(tmp_path, corpus):
+    teacher = save_hf_teacher(tmp_path / "teacher", corpus, "LlamaForCausalLM", "char", extra_vocab=-5)
     with pytest.raises(SystemExit) as error:
         fit_distillation(tmp_path, corpus, teacher)
     message = str(error.value)
-    assert "teacher's vocabulary has 70 tokens but the student's has 65" in message
-    assert "\n" not in message and "tokenizer" in message
+    assert "the tokenizer has 65 tokens but the teacher's vocabulary has 60" in message
+    assert "\n" not in message and "teacher's tokenizer" in message
     assert not (tmp_path / "checkpoints").exists()  # nothing trained, nothing written
 
 
@@ -258,3 +297,25 @@ def test_throughput_counts_the_teachers_forward(tmp_path):
     module = DistillationModule(student_config(), teacher=saved_teacher(tmp_path))
     expected = flops_per_token(student_config(), 10, training=True) + flops_per_token(module.teacher.config, 10, False)
     assert module.module_flops_per_token(10, training=True) == expected
+
+
+def test_pipeline_output_reads_as_a_report(tmp_path, corpus):
+    """What `make demo` prints: one line per stage, progress bars without negative totals, no warnings."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [sys.executable, "-m", "picogpt_lightning", "pipeline", "--teacher_steps", "3",
+         "--student_steps", "2", "--sample_tokens", "10", "--out_dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "PICOGPT_DATA": str(corpus), "OMP_NUM_THREADS": "1"},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert not re.search(r"\w*Warning\b|warn", output), output
+    assert not re.search(r"Epoch \d+/-\d", output)
+    stage_lines = [line for line in output.splitlines() if line.startswith("==> ")]
+    assert len(stage_lines) == 3 and all("last.ckpt" in line and "logs in" in line for line in stage_lines)
+    assert "| student + KD |" in output

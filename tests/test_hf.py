@@ -108,6 +108,27 @@ def test_unsupported_llama_variants_are_refused():
         from_hf(LlamaForCausalLM(scaled))
 
 
+def test_legacy_rope_keys_of_a_saved_config_are_honoured_or_refused(tmp_path):
+    """A config.json from transformers 4 keeps `rope_theta` and `rope_scaling` at the top level."""
+    import json
+
+    from transformers import AutoConfig
+
+    from picogpt_lightning.hf import picogpt_config
+
+    base = dict(
+        model_type="llama", vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, hidden_act="silu", rope_theta=500000.0,
+    )
+    (tmp_path / "config.json").write_text(json.dumps(base))
+    assert picogpt_config(AutoConfig.from_pretrained(tmp_path)).rope_theta == 500000.0
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    (tmp_path / "config.json").write_text(json.dumps({**base, "rope_scaling": llama3}))
+    with pytest.raises(ValueError, match="rope_type='llama3' is not supported"):
+        picogpt_config(AutoConfig.from_pretrained(tmp_path))
+
+
 def test_saved_directory_loads_with_auto_classes(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -89,6 +89,21 @@ def test_rope_matches_formula_and_depends_only_on_relative_position():
     assert rotated_dot(5, 2) != pytest.approx(rotated_dot(5, 4), abs=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rope_angles_stay_exact_in_a_half_precision_model(dtype):
+    """`.to(dtype)` (bf16-true, a bf16 from_hf) must not round the frequencies: by position 255 a
+    bf16 frequency is off by up to 0.1 rad for head size 64."""
+    model = PicoGPT(PicoGPTConfig(vocab_size=16, block_size=256, n_layer=1, n_embd=128, n_head=2)).to(dtype)
+    head_size, theta = model.config.head_size, model.config.rope_theta
+    positions = torch.arange(256)
+    cos, sin = model.rotary(positions[None])  # float32 tables, as the model builds them before casting
+    exponents = torch.arange(0, head_size, 2, dtype=torch.float64) / head_size
+    angles = positions[:, None].double() / theta**exponents  # (T, head_size / 2), float64
+    angles = torch.cat((angles, angles), dim=-1)
+    torch.testing.assert_close(cos[0, 0].double(), angles.cos(), atol=2e-5, rtol=0)
+    torch.testing.assert_close(sin[0, 0].double(), angles.sin(), atol=2e-5, rtol=0)
+
+
 # ---- causality and padding --------------------------------------------------------------
 
 

@@ -234,7 +234,7 @@ def test_each_architecture_field_mismatch_is_named(tmp_path, field, value):
     PicoGPT(tiny_config()).save(str(path))
     stored = getattr(tiny_config(), field)
     for load in (lambda: PicoGPT.from_checkpoint(str(path), config=tiny_config(**{field: value})),
-                 lambda: LanguageModelModule(tiny_config(**{field: value}), init_from=str(path))):
+                 lambda: LanguageModelModule(tiny_config(**{field: value}), init_from=str(path)).setup("fit")):
         with pytest.raises(ValueError) as error:
             load()
         message = str(error.value)

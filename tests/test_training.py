@@ -189,9 +189,40 @@ def test_init_from_starts_fine_tuning_at_the_checkpoint(tiny_run):
     cli, log_dir = tiny_run
     checkpoint = str(log_dir / "checkpoints" / "last.ckpt")
     config = PicoGPTConfig.from_dict({**cli.model.config.to_dict(), "neftune_noise_alpha": 5.0})
-    fine_tune = LanguageModelModule(config, init_from=checkpoint).eval()
+    fine_tune = LanguageModelModule(config, init_from=checkpoint)
+    fine_tune.setup("fit")  # a run starts: the weights are read now
+    fine_tune.eval()
     ids = torch.randint(0, 65, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(fine_tune.model(ids).logits, cli.model.model.eval()(ids).logits, atol=0, rtol=0)
+    mismatched = LanguageModelModule(PicoGPTConfig.from_dict({**config.to_dict(), "n_layer": 2}), init_from=checkpoint)
     with pytest.raises(ValueError, match="does not match the model config"):
-        LanguageModelModule(PicoGPTConfig.from_dict({**config.to_dict(), "n_layer": 2}), init_from=checkpoint)
+        mismatched.setup("fit")
+
+
+def test_a_fine_tuned_run_loads_without_its_base_checkpoint(tiny_run, tmp_path, corpus_path):
+    import shutil
+
+    from tiny_training import quiet_trainer, tiny_datamodule
+
+    cli, log_dir = tiny_run
+    base = tmp_path / "base.ckpt"
+    shutil.copy(log_dir / "checkpoints" / "last.ckpt", base)
+    fine_tune = LanguageModelModule(cli.model.config, init_from=str(base), lr_decay_steps=1)
+    trainer = quiet_trainer(max_steps=1)
+    trainer.fit(fine_tune, datamodule=tiny_datamodule(corpus_path, batch_size=2, train_samples=4))
+    trainer.save_checkpoint(tmp_path / "fine_tuned.ckpt")
+    base.unlink()  # the base moved away
+
+    loaded = LanguageModelModule.load_from_checkpoint(tmp_path / "fine_tuned.ckpt")
+    assert loaded.hparams.init_from == str(base)  # kept as a record of where the run started
+    for name, tensor in fine_tune.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], tensor, atol=0, rtol=0)
+
+
+def test_a_run_without_a_length_asks_for_max_steps(corpus_path):
+    from tiny_training import quiet_trainer, tiny_config, tiny_datamodule
+
+    trainer = quiet_trainer(max_steps=-1, max_epochs=-1)
+    with pytest.raises(ValueError, match="set trainer max_steps or model lr_decay_steps"):
+        trainer.fit(LanguageModelModule(tiny_config()), datamodule=tiny_datamodule(corpus_path, batch_size=2))

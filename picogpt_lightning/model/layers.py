@@ -17,17 +17,26 @@ def make_linear(config: PicoGPTConfig, in_features: int, out_features: int) -> n
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for rotary position embeddings in the transformers (rotate-half) layout."""
+    """cos/sin tables for rotary position embeddings in the transformers (rotate-half) layout.
+
+    The frequencies are no buffer: `.to(torch.bfloat16)` (bf16-true, a bf16 `from_hf`) would cast a
+    buffer and cost the angles 0.1 rad by position 255. Recomputed in float32 at each call from
+    two numbers, they stay exact whatever the module's dtype; it is a few dozen values.
+    """
 
     def __init__(self, head_size: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_size = head_size
+        self.theta = theta
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_size, 2, dtype=torch.float32, device=device) / self.head_size
+        return 1.0 / (self.theta**exponents)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of every angle, shaped (B, 1, T, head_size) to broadcast over heads."""
         # float32 for the angles: positions times frequencies lose digits in half precision
-        freqs = position_ids[:, None, :, None].float() * self.inv_freq.float()  # (B, 1, T, head_size / 2)
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq(position_ids.device)  # (B, 1, T, hs / 2)
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 

@@ -6,16 +6,19 @@ the loop, the optimizer and what goes into a checkpoint live here once.
 
 import inspect
 import math
+import warnings
 from typing import Dict, Optional, Tuple
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.text import Perplexity
 
+from picogpt_lightning.callbacks import StepProgressBar
 from picogpt_lightning.checkpoints import CONFIG_KEY, STATE_DICT_KEY, TOKENIZER_KEY, strip_compile_prefix
 from picogpt_lightning.data.collate import IGNORE_INDEX
 from picogpt_lightning.data.tokenizer import Tokenizer
@@ -23,10 +26,19 @@ from picogpt_lightning.model import PicoGPTConfig
 
 SCHEDULE_LENGTH_KEY = "picogpt_schedule_length"  # the run's learning-rate schedule length, kept on resume
 
+# a frozen teacher or reference model is in eval mode on purpose; Lightning warns about any at fit start
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over real tokens; labels are already shifted, -100 marks pads."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    """Mean cross-entropy over real tokens; labels are already shifted, -100 marks pads.
+
+    A batch without real tokens gives 0, not NaN, so its share of a step's loss sum is 0.
+    """
+    total = F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def flops_per_token(config: PicoGPTConfig, seq_len: int, training: bool = True) -> int:
@@ -99,26 +111,66 @@ class PicoGPTModule(L.LightningModule):
         self.compile_model = compile  # `self.compile` would hide nn.Module.compile
         self.tokenizer = None  # taken from the datamodule in setup(), stored in checkpoints
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
+        self._step_items = None  # loss items counted so far in this optimizer step (see training_step)
 
     # ---- what subclasses define -------------------------------------------------------
 
     def compute_losses(self, batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-        """Returns ({"loss": total, other named parts...}, the trained model's logits)."""
+        """Returns ({"loss": total, other named parts...}, the trained model's logits).
+
+        Each loss is a mean over the batch's `loss_items`: the base turns it into a sum and
+        divides by the whole optimizer step's count (see training_step).
+        """
         raise NotImplementedError
+
+    def loss_items(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """How many items the losses of `batch` average over: its real tokens (a per-sequence loss counts sequences)."""
+        return (batch["labels"] != IGNORE_INDEX).sum()
 
     # ---- the loop ---------------------------------------------------------------------
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
         return self.model(input_ids, attention_mask=attention_mask, **kwargs)
 
+    # Token-weighted losses: a step's loss is the sum over every real token of the step (all
+    # accumulated micro-batches, all ranks) divided by their number, as transformers' Trainer
+    # does with num_items_in_batch. Lightning runs each micro-batch's backward before it has
+    # seen the next, so the count cannot divide the loss up front. Instead (as fairseq does)
+    # each micro-batch backpropagates its loss *sum*, the items are counted on the way, and
+    # on_before_optimizer_step divides the summed gradients by the all-reduced count, before
+    # clipping and the optimizer. Gradients are linear in the loss, so that is exactly the
+    # gradient of sum / count. The count stays a tensor: no host sync.
+
     def training_step(self, batch, batch_idx):
         losses, _ = self.compute_losses(batch)
         self._log_losses("train", losses, batch, prog_bar=True, on_step=True, on_epoch=False)
-        return losses["loss"]
+        items = self.loss_items(batch)
+        self._step_items = items if self._step_items is None else self._step_items + items
+        return losses["loss"] * items
+
+    def on_train_epoch_start(self) -> None:
+        self._step_items = None  # Lightning steps at every epoch's end, so no step spans two epochs
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # callbacks' on_before_optimizer_step run just before this and see the summed gradients
+        items, self._step_items = self._step_items, None
+        if items is None:
+            return
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(items)  # every rank's micro-batches make up the step
+        # Lightning divided each micro-batch's sum by accumulate_grad_batches, DDP/FSDP average over ranks
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / items.clamp(min=1)
+        grads = [param.grad for param in self.parameters() if param.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale.to(grads[0].device))
 
     def configure_callbacks(self):
-        # the learning rate of every step, in the logger's charts (the monitor needs a logger to write to)
-        return [LearningRateMonitor(logging_interval="step")] if self.trainer.loggers else []
+        callbacks = []
+        if self.trainer.loggers:  # the learning rate of every step in the logger's charts; it needs a logger
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if type(self.trainer.progress_bar_callback) is RichProgressBar:  # Lightning's default, not a user's own
+            callbacks.append(StepProgressBar())  # replaces it: no "Epoch 0/-2" on max_steps runs
+        return callbacks
 
     # Lightning's ThroughputMonitor reads `flops_per_batch` after each batch to report MFU
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -207,7 +259,13 @@ class PicoGPTModule(L.LightningModule):
 
     def resolve_schedule_length(self) -> int:
         """Steps of the warmup+cosine schedule: fixed when a run starts and kept when it resumes."""
-        length = int(self.lr_decay_steps or self.trainer.estimated_stepping_batches)
+        length = self.lr_decay_steps or self.trainer.estimated_stepping_batches
+        if math.isinf(length):
+            raise ValueError(
+                "the learning-rate schedule needs a length, but this run has no max_steps or max_epochs limit; "
+                "set trainer max_steps or model lr_decay_steps"
+            )
+        length = int(length)
         stored = getattr(self, "_resumed_schedule_length", None)
         if stored is not None and stored != length:
             rank_zero_warn(

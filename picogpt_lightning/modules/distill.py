@@ -27,10 +27,15 @@ teacher's own distribution.
 The teacher is a checkpoint of this project (a .ckpt or PicoGPT.save file) or any
 transformers AutoModelForCausalLM (local directory or hub id). Either way the data must be
 tokenized with the teacher's tokenizer: point the data module's `tokenizer` at the same path.
+The student takes the teacher's vocabulary size, which may exceed the tokenizer's: many
+teachers pad their embedding matrix (Pythia: 50,304 rows for 50,277 tokens). Student and
+teacher logits then line up index for index, and the KD loss compares them over that whole
+shared vocabulary; a trained teacher gives the padding rows, never a target, almost no mass.
 The teacher never trains: its parameters are frozen, it runs in eval mode under no_grad, the
 optimizer never sees it, and checkpoints leave it out unless `save_teacher=True`.
 """
 
+import dataclasses
 import importlib.util
 import os
 from typing import Dict, Optional, Tuple
@@ -50,7 +55,8 @@ class DistillationModule(PicoGPTModule):
     """Trains `self.model` (the student) on labels plus a frozen teacher's outputs.
 
     Args:
-        config: the student's PicoGPTConfig (vocab_size is linked from the data).
+        config: the student's PicoGPTConfig; its vocab_size becomes the teacher's (the CLI's
+            link from the data's tokenizer is overridden; the tokenizer must fit in it).
         teacher: a .ckpt of this project, or a transformers model directory / hub id.
         temperature: softmax temperature T of the KD loss.
         alpha_ce, alpha_kd, alpha_cos: weights of the label, KD and hidden-state losses.
@@ -85,19 +91,24 @@ class DistillationModule(PicoGPTModule):
         self.alpha_ce, self.alpha_kd, self.alpha_cos = alpha_ce, alpha_kd, alpha_cos
         self.kd_top_k = kd_top_k
         self.save_teacher = save_teacher
-        # the student is built first, so with the same seed it starts from the same weights
-        # as the same config trained without a teacher
-        self.model = PicoGPT(config)
-        self.teacher = freeze(load_teacher(teacher, teacher_quantization))
-        self.teacher_vocab_size, teacher_layers, teacher_width = teacher_layout(self.teacher)
+        # loading the teacher leaves the random state alone, so with the same seed the student
+        # starts from the same weights as the same config trained without a teacher
+        with torch.random.fork_rng(devices=[]):
+            teacher_model = freeze(load_teacher(teacher, teacher_quantization))
+        self.teacher_vocab_size, teacher_layers, teacher_width = teacher_layout(teacher_model)
+        self.config = dataclasses.replace(config, vocab_size=self.teacher_vocab_size)
+        self.model = PicoGPT(self.config)
+        self.teacher = teacher_model
         self.layer_map = None
         self.hidden_projection = None
         if alpha_cos > 0:
             self.layer_map = resolve_layer_map(layer_map, config.n_layer, teacher_layers)
             if config.n_embd != teacher_width:  # learned, trained with the student, not part of it
                 self.hidden_projection = nn.Linear(config.n_embd, teacher_width, bias=False)
-        # checkpoints without the teacher's weights must still load: the teacher comes from its path
-        self.strict_loading = False
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.alpha_kd > 0 or self.alpha_cos > 0
 
     # ---- the teacher stays frozen -----------------------------------------------------
 
@@ -119,7 +130,8 @@ class DistillationModule(PicoGPTModule):
 
     def module_flops_per_token(self, seq_len: int, training: bool) -> int:
         # every step also runs the teacher forward, which counts towards throughput and MFU
-        return super().module_flops_per_token(seq_len, training) + teacher_forward_flops(self.teacher, seq_len)
+        teacher = teacher_forward_flops(self.teacher, seq_len) if self.uses_teacher else 0
+        return super().module_flops_per_token(seq_len, training) + teacher
 
     # ---- losses -----------------------------------------------------------------------
 
@@ -128,14 +140,14 @@ class DistillationModule(PicoGPTModule):
         student = self.model(
             batch["input_ids"], attention_mask=batch.get("attention_mask"), output_hidden_states=with_hidden
         )
+        losses = {"ce": next_token_loss(student.logits, batch["labels"])}
+        total = self.alpha_ce * losses["ce"]
+        if not self.uses_teacher:  # labels only: the teacher's forward would go unused
+            return {"loss": total, **losses}, student.logits
         teacher_logits, teacher_hidden = self.teacher_forward(batch, with_hidden)
         real_tokens = batch["labels"] != IGNORE_INDEX
-
-        losses = {
-            "ce": next_token_loss(student.logits, batch["labels"]),
-            "kd": kd_loss(student.logits, teacher_logits, self.temperature, mask=real_tokens, top_k=self.kd_top_k),
-        }
-        total = self.alpha_ce * losses["ce"] + self.alpha_kd * losses["kd"]
+        losses["kd"] = kd_loss(student.logits, teacher_logits, self.temperature, mask=real_tokens, top_k=self.kd_top_k)
+        total = total + self.alpha_kd * losses["kd"]
         if with_hidden:
             losses["cos"] = hidden_cosine_loss(
                 student.hidden_states, teacher_hidden, self.layer_map, mask=real_tokens,
@@ -147,19 +159,27 @@ class DistillationModule(PicoGPTModule):
     # ---- checks before the first step, and checkpoints ---------------------------------
 
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        # only a tokenizer larger than the teacher's vocabulary is wrong; a padded vocabulary is fine
+        if tokenizer is not None and tokenizer.vocab_size > self.teacher_vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the teacher's vocabulary has "
+                f"{self.teacher_vocab_size}; tokenize the data with the teacher's tokenizer "
+                f"(data tokenizer: {self.hparams.teacher!r})"
+            )
         super().setup(stage)
-        student_vocab = self.config.vocab_size
-        if self.teacher_vocab_size != student_vocab:
-            raise ValueError(
-                f"the teacher's vocabulary has {self.teacher_vocab_size} tokens but the student's has "
-                f"{student_vocab}; tokenize the data with the teacher's tokenizer "
-                f"(data tokenizer: {self.hparams.teacher!r}) so the two vocabularies are the same"
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Strict for everything but the teacher, whose weights a checkpoint may leave out (save_teacher=False)."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [key for key in result.missing_keys if not key.startswith(TEACHER_PREFIX)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"the checkpoint does not match the student: missing keys {missing}, "
+                f"unexpected keys {result.unexpected_keys}"
             )
-        if self.tokenizer is not None and self.tokenizer.vocab_size != student_vocab:
-            raise ValueError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the teacher and student have "
-                f"{student_vocab}; tokenize the data with the teacher's tokenizer ({self.hparams.teacher!r})"
-            )
+        return result
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

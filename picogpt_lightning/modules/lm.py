@@ -13,28 +13,34 @@ class LanguageModelModule(PicoGPTModule):
     `init_from`: a checkpoint of this project whose weights start the run (fine-tuning). Its
     architecture must match `config` (training-time fields such as dropout and neftune_noise_alpha may
     differ) and its tokenizer the data's.
+    It is read when a run starts (`setup`), not when the module is built: a checkpoint of the
+    fine-tuned run restores its own weights (`load_from_checkpoint`), so it never needs the base again.
     """
 
     def __init__(self, config: PicoGPTConfig, init_from: Optional[str] = None, **kwargs):
         super().__init__(config, **kwargs)
         self.save_hyperparameters()
-        self.init_from = init_from
-        self.init_tokenizer = None  # the tokenizer the starting weights were trained with
-        if init_from is None:
-            self.model = PicoGPT(config)
-        else:
-            checkpoint = checkpoints.load(init_from)
-            self.model = PicoGPT.from_checkpoint(checkpoint, config=config)
-            self.init_tokenizer = checkpoint.tokenizer_dict
+        self.model = PicoGPT(config)
+        self._pending_init_from = init_from
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        # token ids mean nothing under another tokenizer: the same vocabulary size would hide the remapping
-        if self.init_tokenizer is not None and self.tokenizer is not None and self.tokenizer.to_dict() != self.init_tokenizer:
-            raise checkpoints.CheckpointError(
-                f"{self.init_from} was trained with another tokenizer than the data's; fine-tune with the data and "
-                "tokenizer it was trained with"
-            )
+        if self._pending_init_from is not None:
+            checkpoint = checkpoints.load(self._pending_init_from)
+            checkpoint.resolve_config(self.config)  # same architecture, or a one-line error naming the fields
+            checkpoint.load_weights(self.model)
+            # token ids mean nothing under another tokenizer: the same vocabulary size would hide the remapping
+            if checkpoint.tokenizer_dict is not None and self.tokenizer is not None:
+                if self.tokenizer.to_dict() != checkpoint.tokenizer_dict:
+                    raise checkpoints.CheckpointError(
+                        f"{checkpoint.path} was trained with another tokenizer than the data's; fine-tune with the "
+                        "tokenizer it was trained with (the data module's tokenizer and corpus)"
+                    )
+            self._pending_init_from = None  # once: a second fit or validate keeps the trained weights
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._pending_init_from = None  # the checkpoint's own weights replace the starting point
 
     def compute_losses(self, batch):
         logits = self.model(batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
