@@ -111,7 +111,8 @@ def logged_losses(log: Path):
     return [json.loads(line)["loss"] for line in log.read_text().splitlines()]
 
 
-def test_sigterm_saves_the_step_exits_143_and_resumes_exactly(corpus_path, tmp_path):
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_the_step_exits_non_zero_and_resumes_exactly(corpus_path, tmp_path, signum, exit_code):
     config = write_config(tmp_path, corpus_path)
     straight_log, first_log, rest_log = tmp_path / "straight.jsonl", tmp_path / "first.jsonl", tmp_path / "rest.jsonl"
     subprocess.run(fit_command(config, log=straight_log), check=True, capture_output=True, cwd=tmp_path, env=environment())
@@ -121,9 +122,9 @@ def test_sigterm_saves_the_step_exits_143_and_resumes_exactly(corpus_path, tmp_p
     deadline = time.time() + 120
     while (not first_log.exists() or len(first_log.read_text().splitlines()) < 5) and time.time() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr
+    assert process.returncode == exit_code, stderr
     steps_done = len(first_log.read_text().splitlines())
     assert 5 <= steps_done < 40
     saved = list((tmp_path / "runs").glob(f"tiny/version_*/checkpoints/interrupted-step={steps_done}.ckpt"))
