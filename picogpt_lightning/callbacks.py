@@ -105,6 +105,12 @@ class LastCheckpoint(ModelCheckpoint):
             train_time_interval=timedelta(minutes=every_minutes), enable_version_counter=False,
         )
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.dirpath is None:  # beside the run's other checkpoints (best.ckpt) where their directory was chosen
+            chosen = [cb.dirpath for cb in trainer.checkpoint_callbacks if cb is not self and cb.dirpath]
+            self.dirpath = chosen[0] if chosen else None
+        super().setup(trainer, pl_module, stage)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # every_minutes
         if 0 < trainer.max_steps <= trainer.global_step or trainer.should_stop:

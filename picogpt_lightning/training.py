@@ -62,7 +62,6 @@ def picogpt_cli_class():
                 }
             )
             parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
-            parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")  # last.ckpt beside best.ckpt
             parser.add_lightning_class_args(NonFiniteLossCheck, "nonfinite_check")
             parser.add_lightning_class_args(RandomStateCheckpoint, "random_state")
             parser.add_lightning_class_args(InterruptCheckpoint, "interrupt")
