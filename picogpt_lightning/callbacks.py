@@ -10,7 +10,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, ThroughputMonitor
+from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -298,3 +299,33 @@ class StepProgressBar(RichProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+
+# Dense (no 2:4 sparsity) bf16/fp16 tensor-core peaks from NVIDIA's datasheets, FLOP/s, most specific
+# name first. Lightning's table lacks the H200 and gives Hopper's sparse figure, twice what a dense
+# matmul can reach, which would halve the MFU it reports.
+DENSE_PEAK_FLOPS_16BIT = (("h100 pcie", 756e12), ("h100", 989e12), ("h200", 989e12), ("a100", 312e12))
+
+
+def dense_peak_flops(device_name: str, dtype) -> Optional[float]:
+    """The dense bf16/fp16 peak of a GPU this table knows, else None."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = device_name.lower()
+    return next((peak for chip, peak in DENSE_PEAK_FLOPS_16BIT if chip in name), None)
+
+
+class PeakFlopsThroughputMonitor(ThroughputMonitor):
+    """Lightning's ThroughputMonitor, with MFU measured against dense peaks on the GPUs listed above."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        device = trainer.strategy.root_device
+        if device.type != "cuda":
+            return
+        peak = dense_peak_flops(torch.cuda.get_device_name(device), _plugin_to_compute_dtype(trainer.precision_plugin))
+        if peak is not None:
+            self.available_flops = int(peak)
+            for throughput in self._throughputs.values():
+                throughput.available_flops = int(peak)
+

@@ -168,6 +168,32 @@ def export(ckpt: str, out: str, overwrite: bool = False) -> None:
 
 
 @command
+def quantize(
+    ckpt: str,
+    method: Literal["nf4", "bitnet"],
+    out: str,
+    block_size: int = 64,
+    double_quant: bool = True,
+    overwrite: bool = False,
+) -> None:
+    """Write a checkpoint with packed quantized weights (NF4 or BitNet), which generate and PicoGPT.from_checkpoint load.
+
+    Args:
+        ckpt: a full-precision checkpoint written by training (model config and tokenizer inside).
+        method: "nf4": 4-bit NormalFloat weights for any model trained with linear="linear"; "bitnet": a model trained with linear="bitnet1.58" (2 bits per weight) or "bitnet1" (1 bit), plus one scale per tensor.
+        out: the file to write.
+        block_size: NF4 only: weights per absmax constant.
+        double_quant: NF4 only: store the absmax constants in 8 bits as well (QLoRA's double quantization).
+        overwrite: replace out if it already exists.
+    """
+    from picogpt_lightning.quant.packed_file import quantize_checkpoint
+
+    quantization = quantize_checkpoint(ckpt, out, method, block_size=block_size, double_quant=double_quant, overwrite=overwrite)
+    size = os.path.getsize(out)
+    print(f"wrote {out} ({size / 1e6:.2f} MB, {quantization['method']}): python -m picogpt_lightning generate --ckpt {out} ...")
+
+
+@command
 def merge(
     a: str,
     b: str,

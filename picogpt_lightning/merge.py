@@ -170,6 +170,8 @@ def merge_checkpoints(path_a: str, path_b: str, out: str, t: MergeSchedule, over
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"{out} already exists; pass --overwrite true to replace it or choose another --out")
     first, second = checkpoints.load(path_a), checkpoints.load(path_b)
+    for checkpoint in (first, second):
+        checkpoints.require_unquantized(checkpoint, "merging (interpolating packed codes is meaningless)")
     config = first.resolve_config()
     second_config = second.resolve_config()
     differences = checkpoints.architecture_differences(config, second_config)

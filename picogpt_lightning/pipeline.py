@@ -171,7 +171,7 @@ def val_loss(model: PicoGPT, datamodule) -> float:
     with torch.no_grad():
         for batch in datamodule.val_dataloader():
             batch = {key: value.to(device) for key, value in batch.items()}
-            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
             batch_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
             total += next_token_loss(logits, batch["labels"]).item() * batch_tokens
             tokens += batch_tokens

@@ -45,6 +45,11 @@ def first_batch(loader):
     return next(iter(loader))
 
 
+def mask_of(batch):
+    """The batch's attention mask; a batch without one has no padding (every sample was truncated)."""
+    return batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+
+
 def test_vocab_size_works_before_setup(full_text, monkeypatch):
     monkeypatch.setenv("PICOGPT_DATA", str(shared_corpus()))
     dm = TinyShakespeareDataModule()  # LightningCLI reads vocab_size right after __init__
@@ -85,16 +90,22 @@ def test_blocks_with_subword_tokenizers_are_slices_of_their_split(small, kind, t
     assert batch["input_ids"].shape == (4, 16)
 
 
-def test_blocks_batches_have_shifted_labels_and_full_masks(small):
+def test_blocks_batches_have_shifted_labels_and_no_mask(small):
     dm = make(small, block_size=32, batch_size=8, train_samples=40, val_samples=24)
     for loader in [dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()]:
         batch = first_batch(loader)
-        assert set(batch) == {"input_ids", "attention_mask", "labels"}
-        assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (8, 32)
+        assert set(batch) == {"input_ids", "labels"}  # no padding in blocks mode, so no mask to look at
+        assert batch["input_ids"].shape == batch["labels"].shape == (8, 32)
         assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
-        assert bool(batch["attention_mask"].all())
     # nothing dropped: every window is served once per epoch
     assert sum(len(b["input_ids"]) for b in dm.train_dataloader()) == 40
+
+
+def test_a_batch_of_windows_is_fetched_in_one_go(small):
+    dataset = make(small, block_size=32, train_samples=40).train_dataset
+    indices = [5, 0, 39, 5, 17]
+    expected = torch.stack([dataset[i] for i in indices])  # the one-window path, sample by sample
+    assert torch.equal(dataset.__getitems__(indices), expected)
 
 
 def test_default_window_counts(small):
@@ -118,7 +129,7 @@ def test_speeches_tile_the_text_and_each_starts_at_a_turn(small):
 
 
 def test_speeches_are_truncated_and_dynamically_padded(small):
-    dm = make(small, mode="speeches", block_size=24, batch_size=16)
+    dm = make(small, mode="speeches", block_size=24, batch_size=16, pad_to_multiple_of=None)
     text = small.read_text()
     lengths = dm.train_dataset.lengths
     assert max(lengths) == 25 and min(lengths) < 25
@@ -126,18 +137,31 @@ def test_speeches_are_truncated_and_dynamically_padded(small):
     batch = first_batch(dm.val_dataloader())  # fixed order: the first 16 speeches of val
     real = torch.tensor(dm.val_dataset.lengths[:16]) - 1
     assert batch["input_ids"].shape == (16, int(real.max()))
-    assert torch.equal(batch["attention_mask"].sum(1), real)
-    assert bool((batch["labels"][batch["attention_mask"] == 0] == -100).all())
+    assert torch.equal(mask_of(batch).sum(1), real)
+    assert bool((batch["labels"][mask_of(batch) == 0] == -100).all())
+
+
+@pytest.mark.parametrize(("block_size", "widths"), [(128, {64, 128}), (100, {64, 100})])
+def test_speech_batches_are_bucketed_to_a_few_widths(small, block_size, widths):
+    # a compiled model then meets a few shapes instead of one per batch; never wider than block_size
+    dm = make(small, mode="speeches", block_size=block_size, batch_size=8, pad_to_multiple_of=64, group_by_length=True)
+    seen = set()
+    for batch in dm.train_dataloader():
+        width = batch["input_ids"].shape[1]
+        seen.add(width)
+        real = mask_of(batch).sum(1)
+        assert int(real.max()) <= width < int(real.max()) + 64
+    assert seen == widths
 
 
 def padding_fraction(loader):
-    masks = [batch["attention_mask"] for batch in loader]
+    masks = [mask_of(batch) for batch in loader]
     return 1 - sum(m.sum() for m in masks).item() / sum(m.numel() for m in masks)
 
 
 def test_group_by_length_cuts_padding(small):
-    random_order = make(small, mode="speeches", block_size=128, batch_size=8)
-    grouped = make(small, mode="speeches", block_size=128, batch_size=8, group_by_length=True)
+    random_order = make(small, mode="speeches", block_size=128, batch_size=8, pad_to_multiple_of=None)
+    grouped = make(small, mode="speeches", block_size=128, batch_size=8, group_by_length=True, pad_to_multiple_of=None)
     random_padding = padding_fraction(random_order.train_dataloader())
     grouped_padding = padding_fraction(grouped.train_dataloader())
     assert grouped_padding < 0.5 * random_padding

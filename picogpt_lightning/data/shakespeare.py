@@ -60,6 +60,14 @@ class TokenWindows(Dataset):
         # clone: a view would ship the whole token stream to the main process when workers return it
         return self.tokens[offset : offset + self.block_size + 1].clone()
 
+    def __getitems__(self, indices: Sequence[int]) -> torch.Tensor:
+        """A whole batch of windows as one (batch, block_size + 1) tensor, gathered by one indexing op.
+
+        torch's DataLoader calls this, when a dataset has it, instead of one __getitem__ per sample.
+        """
+        starts = self.offsets[torch.as_tensor(indices, dtype=torch.long)]
+        return self.tokens[starts[:, None] + torch.arange(self.block_size + 1)]
+
     @property
     def lengths(self) -> list[int]:
         return [self.block_size + 1] * len(self)
@@ -144,8 +152,10 @@ class TinyShakespeareDataModule(L.LightningDataModule):
 
     ``mode="blocks"``: windows of ``block_size + 1`` tokens at random offsets, exactly nanoGPT's data.
     ``mode="speeches"``: one sample per speaker turn, truncated to ``block_size + 1`` tokens and padded
-    per batch. The first ``1 - val_fraction`` of the characters train; in speeches mode a turn that
-    crosses that point trains whole, so no speech is cut in two.
+    per batch, to a multiple of ``pad_to_multiple_of`` (default 64, at most ``block_size``) so that a
+    compiled model sees a few widths, not one per batch. The first ``1 - val_fraction`` of the
+    characters train; in speeches mode a turn that crosses that point trains whole, so no speech is
+    cut in two.
     """
 
     def __init__(
@@ -159,6 +169,7 @@ class TinyShakespeareDataModule(L.LightningDataModule):
         train_samples: int | None = None,
         val_samples: int | None = None,
         group_by_length: bool = False,
+        pad_to_multiple_of: int | None = 64,
         num_workers: int = 0,
         seed: int = 1337,
         val_fraction: float = 0.1,
@@ -178,6 +189,8 @@ class TinyShakespeareDataModule(L.LightningDataModule):
         for name, value in [("train_samples", train_samples), ("val_samples", val_samples)]:
             if value is not None:
                 _require_positive_int(name, value)
+        if pad_to_multiple_of is not None:
+            _require_positive_int("pad_to_multiple_of", pad_to_multiple_of)
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         if not 0 < val_fraction < 1:
@@ -311,14 +324,21 @@ class TinyShakespeareDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         workers = self.hparams.num_workers
+        # blocks-mode windows all have block_size tokens; only speeches are bucketed
+        multiple = self.hparams.pad_to_multiple_of if self.hparams.mode == "speeches" else None
+        collator = PadCollator(self.pad_token_id, pad_to_multiple_of=multiple, max_length=self.hparams.block_size)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            collate_fn=PadCollator(pad_token_id=self.pad_token_id),
+            collate_fn=collator,
             num_workers=workers,
             persistent_workers=workers > 0,
+            pin_memory=self._on_cuda(),  # page-locked batches copy to the GPU asynchronously
             **kwargs,
         )
+
+    def _on_cuda(self) -> bool:
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     @staticmethod
     def _require_dataset(dataset, split: str):

@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
-from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.tensor import DTensor
 from torchmetrics.text import Perplexity
 
 from picogpt_lightning.callbacks import StepProgressBar
@@ -109,6 +110,7 @@ class PicoGPTModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
         self.compile_model = compile  # `self.compile` would hide nn.Module.compile
+        self.compiled_losses = None  # torch.compile(self.compute_losses), built in configure_model
         self.tokenizer = None  # taken from the datamodule in setup(), stored in checkpoints
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self._step_items = None  # loss items counted so far in this optimizer step (see training_step)
@@ -132,6 +134,10 @@ class PicoGPTModule(L.LightningModule):
     def forward(self, input_ids, attention_mask=None, **kwargs):
         return self.model(input_ids, attention_mask=attention_mask, **kwargs)
 
+    def step_losses(self, batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """compute_losses, through its compiled graph when `compile=True`."""
+        return (self.compiled_losses or self.compute_losses)(batch)
+
     # Token-weighted losses: a step's loss is the sum over every real token of the step (all
     # accumulated micro-batches, all ranks) divided by their number, as transformers' Trainer
     # does with num_items_in_batch. Lightning runs each micro-batch's backward before it has
@@ -142,7 +148,7 @@ class PicoGPTModule(L.LightningModule):
     # gradient of sum / count. The count stays a tensor: no host sync.
 
     def training_step(self, batch, batch_idx):
-        losses, _ = self.compute_losses(batch)
+        losses, _ = self.step_losses(batch)
         self._log_losses("train", losses, batch, prog_bar=True, on_step=True, on_epoch=False)
         items = self.loss_items(batch)
         self._step_items = items if self._step_items is None else self._step_items + items
@@ -194,7 +200,7 @@ class PicoGPTModule(L.LightningModule):
         self._evaluate(batch, "test")
 
     def _evaluate(self, batch, stage: str) -> None:
-        losses, logits = self.compute_losses(batch)
+        losses, logits = self.step_losses(batch)
         self._log_losses(stage, losses, batch, prog_bar=True, on_step=False, on_epoch=True)
         self.val_perplexity.update(logits.float(), batch["labels"])
         self.log(f"{stage}/ppl", self.val_perplexity, on_step=False, on_epoch=True, sync_dist=True)
@@ -211,6 +217,9 @@ class PicoGPTModule(L.LightningModule):
     # ---- setup, optimizer, schedule ---------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and self.trainer.strategy.root_device.type == "cuda":
+            # TF32 tensor cores for the float32 matmuls left outside autocast (fp32 runs, the loss)
+            torch.set_float32_matmul_precision("high")
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_block_size = getattr(getattr(datamodule, "hparams", None), "block_size", None)
         if data_block_size is not None and data_block_size > self.config.block_size:
@@ -229,10 +238,36 @@ class PicoGPTModule(L.LightningModule):
         self.tokenizer = tokenizer
 
     def configure_model(self) -> None:
-        if self.compile_model:
-            # Module.compile compiles __call__ in place: `self.model` stays a PicoGPT and its
-            # state-dict keys get no `_orig_mod.` prefix, so checkpoints load without compile
-            self.model.compile()
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, parameters sharded as DTensors
+            if self.device_mesh["tensor_parallel"].size() > 1:
+                raise ValueError(
+                    f"ModelParallelStrategy has tensor_parallel_size {self.device_mesh['tensor_parallel'].size()}, "
+                    "but this model shards by FSDP only; set tensor_parallel_size: 1 and data_parallel_size to "
+                    "the number of devices (see configs/fsdp.yaml)"
+                )
+            shard_trainable_modules(self, self.device_mesh["data_parallel"])
+        if self.compile_model and self.compiled_losses is None:
+            # compile what a step runs, model and loss, as one graph; the model itself stays as it
+            # is, so generation (SampleGenerationCallback) runs eagerly instead of recompiling the
+            # graph for every decoding shape, and state-dict keys get no `_orig_mod.` prefix
+            self.compiled_losses = torch.compile(self.compute_losses)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Norm clipping done here whenever no loss scaler holds the gradients (fp32, bf16).
+
+        Lightning's precision plugins refuse norm clipping with a fused optimizer (mixed
+        precision) and with FSDP, although only fp16's scaled gradients make either unsafe.
+        Clipping before a fused step is exact when nothing is scaled, and FSDP's root module
+        clips its shards against the global norm itself.
+        """
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+        if not gradient_clip_val or algorithm != GradClipAlgorithmType.NORM or has_loss_scaler(self._trainer):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        sharded = self.trainer.strategy.model
+        if isinstance(sharded, FullyShardedDataParallel):
+            sharded.clip_grad_norm_(gradient_clip_val)
+        else:  # one device, DDP, and FSDP2's DTensors, whose norm torch reduces over the shards
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
     def configure_optimizers(self):
         matrices = matrix_parameter_ids(self)
@@ -293,6 +328,23 @@ class PicoGPTModule(L.LightningModule):
             self.tokenizer = Tokenizer.from_dict(checkpoint[TOKENIZER_KEY])
 
 
+def shard_trainable_modules(module: "PicoGPTModule", mesh) -> None:
+    """FSDP2: one unit per transformer block, then the rest of the trained model as the root unit.
+
+    Other trainable parts (a distillation projection) get their own unit so their gradients are
+    reduced across ranks too; a frozen teacher or reference stays whole on every rank (it has
+    no gradients to reduce). Called again on a model already sharded, it changes nothing.
+    """
+    if isinstance(module.model.lm_head.weight, DTensor):
+        return
+    for block in module.model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(module.model, mesh=mesh)
+    for child in module.children():
+        if child is not module.model and any(param.requires_grad for param in child.parameters()):
+            fully_shard(child, mesh=mesh)
+
+
 FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu")
 
 
@@ -310,16 +362,20 @@ def fused_option(params) -> dict:
 
 
 def fused_adamw_can_clip(trainer: Optional["L.Trainer"]) -> bool:
-    """False where Lightning clips gradients under mixed precision, which a fused AdamW cannot join.
+    """False only where gradients are clipped while fp16's loss scaler still holds them scaled.
 
-    A fused step unscales fp16 gradients inside itself, after Lightning's clipping: Lightning's
-    mixed-precision plugin refuses that pairing outright (for bf16 too), and FSDP's would clip
-    gradients that are still scaled. There AdamW runs its foreach kernel, nearly as fast.
+    A fused step unscales inside itself, after any clipping, so clipping would see scaled
+    gradients; there AdamW runs its foreach kernel, nearly as fast. fp32 and bf16 have no
+    scaler, and `PicoGPTModule.configure_gradient_clipping` clips before the fused step.
     """
     if trainer is None or not trainer.gradient_clip_val:
         return True
-    plugin = trainer.precision_plugin
-    return not isinstance(plugin, MixedPrecision) and getattr(plugin, "scaler", None) is None
+    return not has_loss_scaler(trainer)
+
+
+def has_loss_scaler(trainer: Optional["L.Trainer"]) -> bool:
+    """True under fp16 mixed precision, whose gradients stay scaled until the optimizer step."""
+    return trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
 
 
 def matrix_parameter_ids(module: torch.nn.Module) -> set:

@@ -27,6 +27,7 @@ class LanguageModelModule(PicoGPTModule):
         super().setup(stage)
         if self._pending_init_from is not None:
             checkpoint = checkpoints.load(self._pending_init_from)
+            checkpoints.require_unquantized(checkpoint, "init_from (training needs full-precision weights)")
             checkpoint.resolve_config(self.config)  # same architecture, or a one-line error naming the fields
             checkpoint.load_weights(self.model)
             # token ids mean nothing under another tokenizer: the same vocabulary size would hide the remapping
