@@ -6,11 +6,10 @@ import lightning as L
 import pytest
 import torch
 from conftest import shared_corpus
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DistributedSampler
 
 from picogpt_lightning.data import TinyShakespeareDataModule, build_tokenizer
-from picogpt_lightning.data.shakespeare import LengthGroupedSampler
+from picogpt_lightning.data.shakespeare import LengthGroupedSampler, ResumableSampler
 
 SPEAKER_LINE = re.compile(r"[A-Za-z][^\n]*:\n")  # "First Citizen:\n" opens every turn
 
@@ -180,6 +179,9 @@ def test_length_grouped_sampler_order():
     sampler.set_epoch(1)
     assert list(sampler) != first
     assert list(LengthGroupedSampler(lengths, batch_size=4, seed=3)) == first
+    sampler.set_epoch(0)
+    sampler.resume_at(120)  # a resumed epoch continues the same order, once
+    assert list(sampler) == first[120:] and list(sampler) == first
 
 
 def test_same_seed_same_data_other_seed_other_data(small):
@@ -200,7 +202,9 @@ def test_same_seed_same_data_other_seed_other_data(small):
 def test_shuffled_epochs_differ(small):
     dm = make(small, block_size=16, batch_size=4, train_samples=32)
     loader = dm.train_dataloader()
-    first, second = [b["input_ids"] for b in loader], [b["input_ids"] for b in loader]
+    first = [b["input_ids"] for b in loader]
+    loader.sampler.set_epoch(1)  # Lightning's call at each epoch: the order is a function of seed and epoch
+    second = [b["input_ids"] for b in loader]
     assert not torch.equal(torch.cat(first), torch.cat(second))
     assert sorted(map(tuple, torch.cat(first).tolist())) == sorted(map(tuple, torch.cat(second).tolist()))
 
@@ -210,13 +214,13 @@ def test_two_ranks_split_the_data_disjointly(small, group_by_length):
     dm = make(small, mode="speeches", block_size=64, batch_size=8, group_by_length=group_by_length)
     dataset = dm.train_dataset
     n = len(dataset)
-    if group_by_length:  # what Lightning does with a custom sampler under DDP
-        samplers = [
-            DistributedSamplerWrapper(dm.train_dataloader().sampler, num_replicas=2, rank=r, shuffle=False)
-            for r in range(2)
-        ]
+    if group_by_length:  # the sampler shards itself: Lightning keeps a DistributedSampler as it is
+        samplers = [LengthGroupedSampler(dataset.lengths, batch_size=8, seed=5, num_replicas=2, rank=r) for r in range(2)]
     else:
-        samplers = [DistributedSampler(dataset, num_replicas=2, rank=r, shuffle=True, seed=5) for r in range(2)]
+        samplers = [ResumableSampler(dataset, seed=5, num_replicas=2, rank=r) for r in range(2)]
+        # the same shards as the DistributedSampler Lightning would otherwise inject
+        reference = [DistributedSampler(dataset, num_replicas=2, rank=r, shuffle=True, seed=5) for r in range(2)]
+        assert [list(a) for a in samplers] == [list(b) for b in reference]
     for epoch in range(2):
         shards = []
         for sampler in samplers:

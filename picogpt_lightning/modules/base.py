@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
-from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from torch.distributed.tensor import DTensor
@@ -26,6 +26,8 @@ from picogpt_lightning.checkpoints import CONFIG_KEY, STATE_DICT_KEY, TOKENIZER_
 from picogpt_lightning.data.collate import IGNORE_INDEX
 from picogpt_lightning.data.tokenizer import Tokenizer
 from picogpt_lightning.model import PicoGPTConfig
+
+SCHEDULE_LENGTH_KEY = "picogpt_schedule_length"  # the run's learning-rate schedule length, kept on resume
 
 # a frozen teacher or reference model is in eval mode on purpose; Lightning warns about any at fit start
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -317,23 +319,38 @@ class PicoGPTModule(L.LightningModule):
         trainer = self._trainer
         fused = fused_option(decay + no_decay) if fused_adamw_can_clip(trainer) else {}
         optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, **fused)
-        decay_steps = self.lr_decay_steps or self.trainer.estimated_stepping_batches
-        if math.isinf(decay_steps):
-            raise ValueError(
-                "the learning-rate schedule needs a length, but this run has no max_steps or max_epochs limit; "
-                "set trainer max_steps or model lr_decay_steps"
-            )
+        decay_steps = self.schedule_length = self.resolve_schedule_length()
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: warmup_cosine(step, self.warmup_steps, int(decay_steps), self.min_lr / self.learning_rate),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
 
+    def resolve_schedule_length(self) -> int:
+        """Steps of the warmup+cosine schedule: fixed when a run starts and kept when it resumes."""
+        length = self.lr_decay_steps or self.trainer.estimated_stepping_batches
+        if math.isinf(length):
+            raise ValueError(
+                "the learning-rate schedule needs a length, but this run has no max_steps or max_epochs limit; "
+                "set trainer max_steps or model lr_decay_steps"
+            )
+        length = int(length)
+        stored = getattr(self, "_resumed_schedule_length", None)
+        if stored is not None and stored != length:
+            rank_zero_warn(
+                f"resuming a run whose learning-rate schedule spans {stored} steps; keeping it (this run asks for "
+                f"{length}: max_steps or lr_decay_steps changed). Start a new run with init_from to change it."
+            )
+            return stored
+        return length
+
     # ---- checkpoints ------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # config and tokenizer travel inside the .ckpt so PicoGPT.from_checkpoint needs nothing else
         checkpoint[CONFIG_KEY] = self.config.to_dict()
+        if getattr(self, "schedule_length", None) is not None:
+            checkpoint[SCHEDULE_LENGTH_KEY] = self.schedule_length
         if self.tokenizer is not None:
             checkpoint[TOKENIZER_KEY] = self.tokenizer.to_dict()
         state_dict = checkpoint.get(STATE_DICT_KEY, {})
@@ -343,6 +360,7 @@ class PicoGPTModule(L.LightningModule):
                     del state_dict[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resumed_schedule_length = checkpoint.get(SCHEDULE_LENGTH_KEY)  # read by configure_optimizers next
         if STATE_DICT_KEY in checkpoint:  # resuming from a run that wrapped the model in torch.compile
             checkpoint[STATE_DICT_KEY] = strip_compile_prefix(checkpoint[STATE_DICT_KEY])
         if TOKENIZER_KEY in checkpoint and self.tokenizer is None:
