@@ -1,10 +1,17 @@
 """Lightning callbacks this project needs and Lightning lacks."""
 
-from typing import Any, Dict, List, Optional
+import os
+import signal
+import sys
+import threading
+from datetime import timedelta
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, ThroughputMonitor
+from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -86,6 +93,195 @@ class SampleGenerationCallback(Callback):
             model.train(was_training)
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt` as the newest state of the run: every `every_minutes` of training, after each
+    validation and when training ends. (Lightning's `save_last=True` rewrites it only beside another
+    checkpoint, so with a monitored metric a finished run's `last.ckpt` could be far behind.)"""
+
+    def __init__(self, dirpath: Optional[str] = None, every_minutes: float = 10.0):
+        if every_minutes <= 0:
+            raise ValueError(f"last_checkpoint.every_minutes must be > 0, got {every_minutes}")
+        super().__init__(
+            dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
+            train_time_interval=timedelta(minutes=every_minutes), enable_version_counter=False,
+        )
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.dirpath is None:  # beside the run's other checkpoints (best.ckpt) where their directory was chosen
+            chosen = [cb.dirpath for cb in trainer.checkpoint_callbacks if cb is not self and cb.dirpath]
+            self.dirpath = chosen[0] if chosen else None
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # every_minutes
+        if 0 < trainer.max_steps <= trainer.global_step or trainer.should_stop:
+            # the last step (max_steps, an interruption, early stopping), saved here rather than at on_train_end:
+            # by then Lightning counts the epoch as finished, and a resumed run would skip the epoch's rest
+            self.save_now(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.save_now(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.save_now(trainer)
+
+    def save_now(self, trainer) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # skips sanity checks and a step already saved
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class RandomStateCheckpoint(Callback):
+    """Stores the random generators' states (torch, CUDA, numpy, Python) in checkpoints and restores them
+    when training resumes, so dropout and NEFTune noise continue as in an uninterrupted run (Lightning
+    restores model, optimizer and loops, not these)."""
+
+    def __init__(self):
+        self.states_to_restore: Optional[dict] = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        states = _collect_rng_states()
+        if "numpy" in states:  # its key array as a tensor, so checkpoints load with torch.load(weights_only=True)
+            name, keys, position, has_gauss, gauss = states["numpy"]
+            states["numpy"] = (name, torch.from_numpy(keys.astype("int64")), position, has_gauss, gauss)
+        return {"rng_states": states}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.states_to_restore = state_dict.get("rng_states")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # the last moment before the first step: nothing draws from the generators after it
+        if self.states_to_restore is not None:
+            states = dict(self.states_to_restore)
+            if "numpy" in states:
+                name, keys, position, has_gauss, gauss = states["numpy"]
+                states["numpy"] = (name, keys.numpy().astype("uint32"), position, has_gauss, gauss)
+            _set_rng_states(states)
+            self.states_to_restore = None
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite."""
+
+
+class NonFiniteLossCheck(Callback):
+    """Stops at the first non-finite training loss and never lets a checkpoint with non-finite weights be written.
+
+    Reading the loss on the host each step would make the CPU wait for the GPU every step. Instead the
+    step of the first non-finite loss is kept in a device tensor, updated each step without a sync, and
+    read every `check_every_n_steps` steps, at the end, and before every checkpoint is written (where the
+    weights are checked too): one sync per check, and no checkpoint can hold a diverged model.
+    """
+
+    def __init__(self, check_every_n_steps: int = 50):
+        if check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
+        self.check_every_n_steps = check_every_n_steps
+        self.first_bad_step: Optional[torch.Tensor] = None  # -1 while every loss has been finite
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.first_bad_step = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        if self.first_bad_step is None:
+            self.first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        step = trainer.global_step  # the steps done, this batch's included when it stepped
+        newly_bad = ~torch.isfinite(loss.detach()).all() & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(newly_bad, step, self.first_bad_step)
+        if step % self.check_every_n_steps == 0:
+            self.check(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.check(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.check(trainer, pl_module, weights_too=True)  # raising here stops the file from being written
+
+    def check(self, trainer, pl_module, weights_too: bool = False) -> None:
+        bad_step = int(self.first_bad_step) if self.first_bad_step is not None else -1
+        params = [p for p in pl_module.parameters() if p.numel()] if weights_too else []
+        bad_weights = bool(params) and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        bad = trainer.strategy.reduce_boolean_decision(bad_step >= 0 or bad_weights, all=False)
+        if not bad:
+            return
+        where = f"at step {bad_step}" if bad_step >= 0 else f"by step {trainer.global_step}"
+        last_good = newest_checkpoint(trainer)
+        raise TrainingDiverged(
+            f"the training loss became non-finite (NaN or inf) {where}; stopped without saving. Last good checkpoint: "
+            f"{last_good or 'none'}. Lower learning_rate or set gradient_clip_val, and resume or restart"
+        )
+
+
+def newest_checkpoint(trainer) -> Optional[str]:
+    """The most recently written checkpoint file of this run's ModelCheckpoint callbacks."""
+    paths = {path for cb in trainer.checkpoint_callbacks for path in (cb.best_model_path, cb.last_model_path)}
+    paths = [path for path in paths if path and os.path.isfile(path)]
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
+class InterruptCheckpoint(Callback):
+    """SIGTERM or SIGINT: finish the optimizer step, save `interrupted-step=N.ckpt`, print the command that resumes.
+
+    Afterwards `exit_code` is 128 + the signal (143 for SIGTERM, 130 for SIGINT), which the command line
+    exits with, as cluster schedulers expect of an interrupted job. Lightning's own SIGTERM handling
+    stops without saving and exits 0; this replaces it while training runs. A second Ctrl+C stops at once.
+    `resume_command`: the command line that resumes, given the checkpoint's path (the CLI sets it).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self.exit_code: Optional[int] = None
+        self.saved_path: Optional[str] = None
+        self.resume_command: Optional[Callable[[str], str]] = None
+        self._previous_handlers: Dict[int, Any] = {}
+        self._step_at_batch_start = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.received = self.exit_code = self.saved_path = None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._previous_handlers = {signum: signal.signal(signum, self._record) for signum in self.SIGNALS}
+
+    def _record(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step_at_batch_start:
+            return  # in the middle of gradient accumulation: a checkpoint here could not resume exactly
+        stop = self.received is not None
+        if trainer.world_size > 1:
+            # every rank must stop at the same step: one small all-reduce per step, as Lightning's own SIGTERM
+            # check under DDP; a single process needs none
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            self.save_and_stop(trainer)
+
+    def save_and_stop(self, trainer) -> None:
+        signum = self.received or signal.SIGTERM  # another rank received it
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
+        path = os.path.join(dirpath, f"interrupted-step={trainer.global_step}.ckpt")
+        trainer.save_checkpoint(path)
+        self.saved_path, self.exit_code = path, 128 + signum
+        trainer.should_stop = True
+        resume = self.resume_command(path) if self.resume_command else f"trainer.fit(..., ckpt_path={path!r})"
+        if trainer.is_global_zero:
+            name = signal.Signals(signum).name
+            print(f"{name}: saved step {trainer.global_step} to {path}\nresume with: {resume}", file=sys.stderr, flush=True)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+
 class StepProgressBar(RichProgressBar):
     """Lightning's rich progress bar, worded for runs bounded by max_steps.
 
@@ -103,3 +299,33 @@ class StepProgressBar(RichProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+
+# Dense (no 2:4 sparsity) bf16/fp16 tensor-core peaks from NVIDIA's datasheets, FLOP/s, most specific
+# name first. Lightning's table lacks the H200 and gives Hopper's sparse figure, twice what a dense
+# matmul can reach, which would halve the MFU it reports.
+DENSE_PEAK_FLOPS_16BIT = (("h100 pcie", 756e12), ("h100", 989e12), ("h200", 989e12), ("a100", 312e12))
+
+
+def dense_peak_flops(device_name: str, dtype) -> Optional[float]:
+    """The dense bf16/fp16 peak of a GPU this table knows, else None."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = device_name.lower()
+    return next((peak for chip, peak in DENSE_PEAK_FLOPS_16BIT if chip in name), None)
+
+
+class PeakFlopsThroughputMonitor(ThroughputMonitor):
+    """Lightning's ThroughputMonitor, with MFU measured against dense peaks on the GPUs listed above."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        device = trainer.strategy.root_device
+        if device.type != "cuda":
+            return
+        peak = dense_peak_flops(torch.cuda.get_device_name(device), _plugin_to_compute_dtype(trainer.precision_plugin))
+        if peak is not None:
+            self.available_flops = int(peak)
+            for throughput in self._throughputs.values():
+                throughput.available_flops = int(peak)
+

@@ -1,13 +1,16 @@
 """The one place that reads and writes checkpoint files.
 
-Three formats hold a PicoGPT, and `load` reads each of them once into a `Checkpoint`:
+Four formats hold a PicoGPT, and `load` reads each of them once into a `Checkpoint`:
 
 - a Lightning `.ckpt` of any module here: the trained model's weights under `state_dict`
   with the `model.` prefix (a teacher's or reference model's weights, stored under other
   prefixes, are left out), the model config and the tokenizer beside it;
 - a file written by `save` (and `PicoGPT.save`): config, weights and, when given, the tokenizer;
 - a bare state dict (`torch.save(model.state_dict(), path)`): weights only, so the caller
-  supplies the config.
+  supplies the config;
+- a packed quantized file written by `save_quantized` (the `quantize` command): a `save` file
+  whose linear layers hold packed NF4 or BitNet codes and scales, described by its
+  `picogpt_quantization` entry, so loading builds the same packed layers before the weights.
 
 Files are read with `torch.load(weights_only=True)`: tensors, plain containers and this
 project's own config type only, so a planted pickle cannot run code. Everything else asks
@@ -22,12 +25,16 @@ import torch
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from picogpt_lightning.model.config import PicoGPTConfig
+from picogpt_lightning.quant import pack_bitnet, quantize_nf4
 
 CONFIG_KEY = "picogpt_config"  # PicoGPTConfig.to_dict()
 TOKENIZER_KEY = "picogpt_tokenizer"  # Tokenizer.to_dict()
 STATE_DICT_KEY = "state_dict"
+QUANTIZATION_KEY = "picogpt_quantization"  # {"method": "nf4", "block_size", "double_quant", "skip"} or {"method": "bitnet"}
+QUANTIZATION_METHODS = ("nf4", "bitnet")
 MODEL_PREFIX = "model."  # LightningModules here keep the trained PicoGPT as `self.model`
-COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps modules under this attribute name
+COMPILE_PREFIX = "_orig_mod."
+LIGHTNING_VERSION_KEY = "pytorch-lightning_version"  # in every checkpoint the Lightning Trainer writes  # torch.compile wraps modules under this attribute name
 # fields that change how a model is trained, not what it computes: they may differ between
 # a stored config and the one a run asks for
 TRAINING_ONLY_FIELDS = ("dropout", "neftune_noise_alpha")
@@ -51,6 +58,11 @@ class Checkpoint:
     config: Optional[PicoGPTConfig]  # None for a bare state dict
     tokenizer_dict: Optional[dict]  # Tokenizer.to_dict(), when the file has one
     contents: Dict[str, Any] = field(repr=False)  # the whole file, for what a recipe stored beside
+
+    @property
+    def quantization(self) -> Optional[dict]:
+        """How the file's linear layers are packed (its QUANTIZATION_KEY entry), None for full precision."""
+        return self.contents.get(QUANTIZATION_KEY)
 
     @property
     def global_step(self) -> int:
@@ -84,8 +96,11 @@ class Checkpoint:
         return config
 
     def load_weights(self, model: torch.nn.Module, strict: bool = True) -> None:
+        """Loads the weights into `model`; a packed quantized file first swaps its linear layers for packed ones."""
         if not self.state_dict:
             raise CheckpointError(f"{self.path} holds no model weights; pass a checkpoint written by training or PicoGPT.save")
+        if self.quantization is not None:
+            build_packed_layers(model, self.quantization, self.path)
         try:
             model.load_state_dict(self.state_dict, strict=strict)
         except RuntimeError as error:
@@ -113,9 +128,25 @@ def load(path) -> Checkpoint:
     return Checkpoint(path, state_dict, config, contents.get(TOKENIZER_KEY), contents)
 
 
-def read_file(path: str) -> Any:
+def require_training_state(path) -> None:
+    """Refuses, in one line, a weights-only file (`save`, `merge`) given where Lightning resumes a run.
+
+    Lightning's `--ckpt_path` restores the loops, optimizer and schedule too, which only its own
+    checkpoints hold; "last", "best" and missing paths are left for Lightning to resolve.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        return
+    contents = read_file(os.fspath(path), mmap=True)  # mapped: the weights themselves are not read
+    if isinstance(contents, dict) and LIGHTNING_VERSION_KEY not in contents:
+        raise CheckpointError(
+            f"{path} holds weights only (written by PicoGPT.save or the merge command), not a Lightning training "
+            f"state to resume; start from its weights with --model.init_args.init_from {path} instead of --ckpt_path"
+        )
+
+
+def read_file(path: str, mmap: bool = False) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means one of two things to the user
         if "GLOBAL" in str(error) or "Unsupported global" in str(error):  # a type outside the allow-list
             raise CheckpointError(
@@ -164,6 +195,44 @@ def check_same_architecture(stored: PicoGPTConfig, requested: PicoGPTConfig, pat
         )
 
 
+def require_unquantized(checkpoint: Checkpoint, purpose: str) -> None:
+    """Refuses a packed quantized file where full-precision weights are needed (training, export, quantizing)."""
+    if checkpoint.quantization is not None:
+        raise CheckpointError(
+            f"{checkpoint.path} is already quantized ({checkpoint.quantization.get('method')!r}) and cannot be used for "
+            f"{purpose}; pass the full-precision checkpoint it was made from"
+        )
+
+
+def build_packed_layers(model: torch.nn.Module, quantization: dict, path: str = "model") -> None:
+    """Packs the model's linear layers as `quantization` describes, in place.
+
+    `quant.packed_file.quantize_checkpoint` packs trained weights; loading a packed file packs a freshly built model's
+    initial weights only to get layers of the right shapes, whose values the file then replaces.
+    """
+    method = quantization.get("method")
+    if method == "nf4":
+        quantize_nf4(
+            model, block_size=int(quantization["block_size"]), double_quant=bool(quantization["double_quant"]),
+            skip=tuple(quantization["skip"]),
+        )
+    elif method == "bitnet":
+        if model.config.linear == "linear":
+            raise CheckpointError(f"{path} holds packed BitNet weights but its config has linear='linear'")
+        pack_bitnet(model)
+    else:
+        raise CheckpointError(
+            f"{path} has quantization method {method!r}, which this version cannot read; known: {QUANTIZATION_METHODS}"
+        )
+
+
+def save_quantized(path, model: torch.nn.Module, quantization: dict, tokenizer=None, **extra: Any) -> None:
+    """Writes a model whose linear layers are already packed (quantize_nf4 or pack_bitnet) with what rebuilds them."""
+    if quantization.get("method") not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization method must be one of {QUANTIZATION_METHODS}, got {quantization.get('method')!r}")
+    save(path, model, tokenizer, **{QUANTIZATION_KEY: dict(quantization), **extra})
+
+
 def describe_load_error(error: RuntimeError) -> str:
     """load_state_dict's message in one line: which keys are missing or unexpected, which shapes differ."""
     lines = [line.strip() for line in str(error).strip().splitlines()[1:] if line.strip()]
@@ -184,3 +253,4 @@ def save(path, model: torch.nn.Module, tokenizer=None, **extra: Any) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+

@@ -167,6 +167,57 @@ def export(ckpt: str, out: str, overwrite: bool = False) -> None:
     print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({out!r}) and AutoTokenizer.from_pretrained({out!r}) load it")
 
 
+@command
+def quantize(
+    ckpt: str,
+    method: Literal["nf4", "bitnet"],
+    out: str,
+    block_size: int = 64,
+    double_quant: bool = True,
+    overwrite: bool = False,
+) -> None:
+    """Write a checkpoint with packed quantized weights (NF4 or BitNet), which generate and PicoGPT.from_checkpoint load.
+
+    Args:
+        ckpt: a full-precision checkpoint written by training (model config and tokenizer inside).
+        method: "nf4": 4-bit NormalFloat weights for any model trained with linear="linear"; "bitnet": a model trained with linear="bitnet1.58" (2 bits per weight) or "bitnet1" (1 bit), plus one scale per tensor.
+        out: the file to write.
+        block_size: NF4 only: weights per absmax constant.
+        double_quant: NF4 only: store the absmax constants in 8 bits as well (QLoRA's double quantization).
+        overwrite: replace out if it already exists.
+    """
+    from picogpt_lightning.quant.packed_file import quantize_checkpoint
+
+    quantization = quantize_checkpoint(ckpt, out, method, block_size=block_size, double_quant=double_quant, overwrite=overwrite)
+    size = os.path.getsize(out)
+    print(f"wrote {out} ({size / 1e6:.2f} MB, {quantization['method']}): python -m picogpt_lightning generate --ckpt {out} ...")
+
+
+@command
+def merge(
+    a: str,
+    b: str,
+    out: str,
+    t: Union[float, List[float], Dict[str, Union[float, List[float]]]] = 0.5,
+    method: Literal["slerp", "linear"] = "slerp",
+    overwrite: bool = False,
+) -> None:
+    """Merge two checkpoints of one architecture and tokenizer into one (slerp, as mergekit does it).
+
+    Args:
+        a: the first checkpoint (t = 0).
+        b: the second checkpoint (t = 1), same architecture and tokenizer as a.
+        out: the merged checkpoint to write (config, tokenizer and weights; generate, export and fit's init_from read it).
+        t: how far from a towards b: a number; a list spread over the blocks (first value at block 0, last at the last block; embeddings take the first, the final norm the last); or a dict of those per kind, {"attention": ..., "mlp": ..., "default": ...}. Per-kind schedules read best from a YAML file given with --config.
+        method: "slerp" (spherical) or "linear" (plain (1 - t) a + t b, for comparison).
+        overwrite: replace out if it already exists.
+    """
+    from picogpt_lightning.merge import lerp, merge_checkpoints, slerp
+
+    merge_checkpoints(a, b, out, t, overwrite=overwrite, interpolate=slerp if method == "slerp" else lerp)
+    print(f"wrote {out}: {method} of {a} (t = 0) and {b} (t = 1) at t = {t}")
+
+
 def run_command(name: str, args: List[str]) -> None:
     from jsonargparse import CLI
 

@@ -186,6 +186,7 @@ def export_checkpoint(checkpoint_path: str, directory: str, overwrite: bool = Fa
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise ValueError(f"{directory} already exists and is not empty; choose another --out or pass --overwrite true")
     checkpoint = checkpoints.load(checkpoint_path)
+    checkpoints.require_unquantized(checkpoint, "a Hugging Face export")
     model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval(), Tokenizer.from_checkpoint(checkpoint)
     llama_config(model.config)  # refuse a model llama cannot express before writing anything
     staging = target.with_name(f".{target.name}.partial")

@@ -1,8 +1,9 @@
-"""Losses for distillation, as pure functions of tensors (no modules, no Lightning).
+"""Losses for distillation and preference alignment, as pure functions of tensors (no modules, no Lightning).
 
 Shapes: logits are (B, T, vocab), hidden states (B, T, width), masks (B, T) with 1 on the
-real tokens. Every reduction is in float32, whatever the model's precision: softmax and KL
-of half-precision logits lose the small probabilities that distillation is about.
+real tokens, labels (B, T) pre-shifted with -100 on ignored positions. Every reduction is in
+float32, whatever the model's precision: softmax and KL of half-precision logits lose the
+small probabilities that distillation is about, and DPO compares sums of many log-probs.
 """
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -10,6 +11,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from picogpt_lightning.data.collate import IGNORE_INDEX
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 LayerMap = Union[Dict[int, int], Sequence[Tuple[int, int]]]
 
 
@@ -117,3 +121,66 @@ def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Ten
     # host with the GPU and breaks a compiled graph
     keep = mask.bool()
     return torch.where(keep, values, 0.0).sum() / keep.sum().clamp(min=1)
+
+
+def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """log p(sequence): the sum over each row of log p(labels[t] | inputs up to t), shape (B,).
+
+    Labels are pre-shifted (labels[t] is the token after input t), -100 on the prompt and the
+    padding, so only completion tokens count. `average=True` divides by their number (IPO).
+    The mask multiplies rather than indexes, so the shapes never depend on the data (no host
+    sync, one compiled graph).
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ in batch or length")
+    real = labels != IGNORE_INDEX
+    targets = labels.masked_fill(~real, 0).unsqueeze(-1)  # any valid id; its log-prob is masked away
+    logits = logits.float()
+    token_log_probs = (logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(dim=-1)) * real
+    total = token_log_probs.sum(dim=-1)
+    return total / real.sum(dim=-1).clamp(min=1) if average else total
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct Preference Optimization (Rafailov et al., 2023), per pair, with trl's variants.
+
+    With d = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected):
+      "sigmoid": -(1 - e) log sigmoid(beta d) - e log sigmoid(-beta d), e = label_smoothing
+                 (conservative DPO; e = 0 is plain DPO);
+      "ipo":     (d - 1 / (2 beta))^2 (Azar et al., 2023; pass log-probs averaged over tokens);
+      "hinge":   relu(1 - beta d) (SLiC).
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,); the rewards are the implicit
+    beta * (policy - reference) log-probs, detached: they are for logging, not for gradients.
+    """
+    check_dpo_options(beta, label_smoothing, loss_type)
+    policy_chosen, policy_rejected = policy_chosen_logps.float(), policy_rejected_logps.float()
+    reference_chosen, reference_rejected = reference_chosen_logps.float(), reference_rejected_logps.float()
+    d = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * d) - label_smoothing * F.logsigmoid(-beta * d)
+    elif loss_type == "ipo":
+        losses = (d - 1 / (2 * beta)) ** 2
+    else:
+        losses = F.relu(1 - beta * d)
+    chosen_rewards = beta * (policy_chosen - reference_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - reference_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def check_dpo_options(beta: float, label_smoothing: float, loss_type: str) -> None:
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5) (the assumed share of flipped labels), got {label_smoothing}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, got loss_type={loss_type!r}")

@@ -158,18 +158,24 @@ def evaluate(name: str, checkpoint_path: Path) -> StageResult:
 
     checkpoint = checkpoints.load(str(checkpoint_path))
     datamodule = TinyShakespeareDataModule(**checkpoint.datamodule_hparams)
+    model = PicoGPT.from_checkpoint(checkpoint)
+    return StageResult(name, model.num_parameters(), checkpoint.global_step, val_loss(model, datamodule))
+
+
+def val_loss(model: PicoGPT, datamodule) -> float:
+    """Mean next-token cross-entropy per real token of `model` over the datamodule's validation set."""
     datamodule.setup("validate")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = PicoGPT.from_checkpoint(checkpoint).to(device).eval()
+    model = model.to(device).eval()
     total, tokens = 0.0, 0
     with torch.no_grad():
         for batch in datamodule.val_dataloader():
             batch = {key: value.to(device) for key, value in batch.items()}
-            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
             batch_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
             total += next_token_loss(logits, batch["labels"]).item() * batch_tokens
             tokens += batch_tokens
-    return StageResult(name, model.num_parameters(), checkpoint.global_step, total / tokens)
+    return total / tokens
 
 
 def sample(checkpoint_path: Path, prompt: str, max_new_tokens: int) -> str:

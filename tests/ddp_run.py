@@ -40,7 +40,7 @@ def reference_loader(datamodule, batch_size: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=PadCollator(datamodule.pad_token_id))
 
 
-def train(corpus, devices: int, batch_size: int, accumulate: int = 1):
+def train(corpus, devices: int, batch_size: int, accumulate: int = 1, strategy="ddp", gradient_clip_val=1.0):
     """Returns (loss of each global batch, final weights); in DDP, Lightning shards the data module itself."""
     seed_everything()
     model = LanguageModelModule(tiny_config(), warmup_steps=2, lr_decay_steps=STEPS)
@@ -48,10 +48,10 @@ def train(corpus, devices: int, batch_size: int, accumulate: int = 1):
     recorder = LossRecorder()
     trainer = quiet_trainer(
         devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
+        strategy=strategy if devices > 1 else "auto",
         max_steps=STEPS,
         accumulate_grad_batches=accumulate,
-        gradient_clip_val=1.0,
+        gradient_clip_val=gradient_clip_val,
         callbacks=[recorder],
     )
     if devices > 1:

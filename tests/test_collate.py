@@ -57,12 +57,31 @@ def test_pad_to_multiple_of(multiple):
         assert torch.equal(batch[key], expected[key]), key
 
 
-def test_equal_lengths_need_no_padding():
+@pytest.mark.parametrize("as_rows", [True, False], ids=["list of rows", "one 2-D tensor"])
+def test_equal_lengths_carry_no_mask(as_rows):
+    # no padding anywhere: no mask, so the model takes its causal-only path without looking at one
     samples = torch.arange(30).view(3, 10)
-    batch = PadCollator()(list(samples))
+    batch = PadCollator()(list(samples) if as_rows else samples)
+    assert batch.keys() == {"input_ids", "labels"}
     assert torch.equal(batch["input_ids"], samples[:, :-1])
     assert torch.equal(batch["labels"], samples[:, 1:])
-    assert bool(batch["attention_mask"].all())
+
+
+def test_equal_lengths_widened_to_the_multiple_get_a_mask():
+    samples = torch.arange(30).view(3, 10)  # inputs of 9 tokens, bucketed to 16
+    batch = PadCollator(pad_to_multiple_of=16)(samples)
+    expected = reference_batch(samples.tolist(), 0, 16)
+    for key in expected:
+        assert torch.equal(batch[key], expected[key]), key
+
+
+@pytest.mark.parametrize(("longest", "expected_width"), [(5, 8), (9, 10), (10, 10)])
+def test_bucketing_never_pads_past_max_length(longest, expected_width):
+    samples = [list(range(1, longest + 2)), [1, 2, 3]]
+    batch = PadCollator(pad_to_multiple_of=8, max_length=10)(samples)
+    expected = reference_batch(samples, 0, expected_width)
+    for key in expected:
+        assert torch.equal(batch[key], expected[key]), key
 
 
 @pytest.mark.parametrize(
@@ -76,7 +95,11 @@ def test_bad_samples(samples, match):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"), [({"pad_to_multiple_of": 0}, "pad_to_multiple_of"), ({"pad_token_id": -1}, "pad_token_id")]
+    ("kwargs", "match"), [
+        ({"pad_to_multiple_of": 0}, "pad_to_multiple_of"),
+        ({"pad_token_id": -1}, "pad_token_id"),
+        ({"max_length": 0}, "max_length"),
+    ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

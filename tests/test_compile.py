@@ -1,11 +1,88 @@
-"""compile: true trains through torch.compile, and its checkpoints load into an uncompiled model."""
+"""compile: true trains through torch.compile, and its checkpoints load without compile.
 
+The training loss (model and loss function) must trace into one graph, with and without a
+padding mask: a graph break or a host sync in the step would cost every step. The graph tests
+trace with dynamo only (CompileCounter, no code generation), which is what finds breaks and
+recompilations, in seconds; one test runs the real compiler.
+"""
+
+import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 
 from picogpt_lightning import PicoGPT
 from picogpt_lightning.checkpoints import COMPILE_PREFIX
-from picogpt_lightning.modules import LanguageModelModule
-from tiny_training import BLOCK_SIZE, quiet_trainer, seed_everything, tiny_config, tiny_datamodule
+from picogpt_lightning.data import PadCollator, TinyShakespeareDataModule
+from picogpt_lightning.modules import DistillationModule, LanguageModelModule
+from tiny_training import BLOCK_SIZE, SEED, quiet_trainer, seed_everything, tiny_config, tiny_datamodule
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()  # each test counts its own compilations
+    yield
+    torch._dynamo.reset()
+
+
+def batch(padded: bool) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    if not padded:  # blocks mode: equal lengths, so the collator sends no mask
+        return PadCollator()(torch.randint(0, 65, (3, BLOCK_SIZE + 1), generator=generator))
+    lengths = (BLOCK_SIZE + 1, 9, 20)
+    return PadCollator()([torch.randint(0, 65, (n,), generator=generator) for n in lengths])
+
+
+def distillation_module(tmp_path) -> DistillationModule:
+    teacher = str(tmp_path / "teacher.pt")
+    PicoGPT(tiny_config(n_layer=4, n_embd=48, n_head=4, n_query_groups=2)).save(teacher)
+    # every loss term on, hidden-state projection included, so each masked mean is traced
+    return DistillationModule(tiny_config(), teacher=teacher, alpha_ce=0.5, alpha_kd=1.0, alpha_cos=0.5)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no mask", "padding mask"])
+@pytest.mark.parametrize("recipe", ["lm", "distill"])
+def test_training_loss_compiles_to_one_graph(tmp_path, recipe, padded):
+    torch.manual_seed(SEED)
+    module = LanguageModelModule(tiny_config()) if recipe == "lm" else distillation_module(tmp_path)
+    module.train()
+    inputs = batch(padded)
+    assert ("attention_mask" in inputs) == padded
+    counter = CompileCounter()
+    compiled = torch.compile(module.compute_losses, backend=counter, fullgraph=True)  # a break would raise
+
+    losses, _ = compiled(inputs)
+    losses["loss"].backward()
+    assert counter.frame_count == 1
+    expected, _ = module.compute_losses(inputs)  # the eager step, a second path to the same numbers
+    assert losses.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(losses[name], expected[name], msg=name)
+
+
+def test_bucketed_speech_batches_do_not_recompile_step_after_step(corpus_path):
+    datamodule = TinyShakespeareDataModule(
+        data_path=str(corpus_path), mode="speeches", block_size=BLOCK_SIZE, batch_size=4,
+        group_by_length=True, pad_to_multiple_of=16, seed=SEED,
+    )  # fmt: skip
+    datamodule.setup("fit")
+    padded = [b for b in datamodule.train_dataloader() if "attention_mask" in b]
+    short = [b for b in padded if b["input_ids"].shape[1] == 16][:4]
+    long = [b for b in padded if b["input_ids"].shape[1] == 32][:4]
+    assert len(short) == len(long) == 4  # the speeches' lengths fall into both buckets
+    batches = [b for pair in zip(short, long) for b in pair]  # the width changes every step
+    module = LanguageModelModule(tiny_config())
+    counter = CompileCounter()
+    compiled = torch.compile(module.compute_losses, backend=counter, fullgraph=True)
+
+    def epoch():
+        for inputs in batches:
+            compiled(inputs)[0]["loss"].backward()
+
+    epoch()
+    compiled_in_first_epoch = counter.frame_count
+    epoch()
+    assert counter.frame_count == compiled_in_first_epoch  # the second pass reuses every graph
+    assert compiled_in_first_epoch <= 2  # at most one graph per width, not one per step
 
 
 def test_compiled_training_writes_checkpoints_that_load_without_compile(corpus_path, tmp_path):
@@ -14,7 +91,8 @@ def test_compiled_training_writes_checkpoints_that_load_without_compile(corpus_p
     model = LanguageModelModule(tiny_config(), compile=True, lr_decay_steps=2)
     trainer = quiet_trainer(max_steps=2, gradient_clip_val=1.0)
     trainer.fit(model, datamodule=tiny_datamodule(corpus_path, batch_size=4))
-    assert model.model._compiled_call_impl is not None  # Module.compile swapped in a compiled __call__
+    assert model.compiled_losses is not None  # the step ran through the compiled loss
+    assert model.model._compiled_call_impl is None  # the model itself stays eager, for generation
     path = tmp_path / "compiled.ckpt"
     trainer.save_checkpoint(path)
 

@@ -66,3 +66,31 @@ def test_16_mixed_on_cpu_falls_back_to_bf16_mixed_with_a_warning():
         trainer = quiet_trainer(precision="16-mixed")
     assert trainer.precision == "bf16-mixed"
     assert any("bf16-mixed" in str(warning.message) for warning in caught)
+
+
+def test_bf16_mixed_clips_before_a_fused_adamw_step(corpus_path):
+    """Lightning's mixed-precision plugin refuses clipping with a fused optimizer; the module clips itself."""
+    seed_everything()
+    model = LanguageModelModule(tiny_config(), warmup_steps=0, lr_decay_steps=1)
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    clip = 0.05  # below the first step's norm, so clipping acts
+    datamodule = tiny_datamodule(corpus_path, batch_size=8)
+    trainer = quiet_trainer(precision="bf16-mixed", max_steps=1, gradient_clip_val=clip)
+    trainer.fit(model, datamodule=datamodule)
+    optimizer = trainer.optimizers[0]
+    assert optimizer.defaults["fused"]
+
+    # the same step written out: bf16 autocast forward, clip the global norm, fused AdamW
+    reference = LanguageModelModule(tiny_config(), warmup_steps=0, lr_decay_steps=1)
+    reference.load_state_dict(initial)
+    seed_everything()  # the trainer's loader draws its order from the same seeded generator
+    batch = next(iter(datamodule.train_dataloader()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = reference.compute_losses(batch)[0]["loss"]
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+    assert norm > clip
+    reference_optimizer = reference.configure_optimizers()["optimizer"]  # same groups, lr, fused kernel
+    reference_optimizer.step()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, msg=name)

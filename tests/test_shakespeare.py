@@ -6,11 +6,10 @@ import lightning as L
 import pytest
 import torch
 from conftest import shared_corpus
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DistributedSampler
 
 from picogpt_lightning.data import TinyShakespeareDataModule, build_tokenizer
-from picogpt_lightning.data.shakespeare import LengthGroupedSampler
+from picogpt_lightning.data.shakespeare import LengthGroupedSampler, ResumableSampler
 
 SPEAKER_LINE = re.compile(r"[A-Za-z][^\n]*:\n")  # "First Citizen:\n" opens every turn
 
@@ -44,6 +43,11 @@ def decoded(dm, dataset):
 
 def first_batch(loader):
     return next(iter(loader))
+
+
+def mask_of(batch):
+    """The batch's attention mask; a batch without one has no padding (every sample was truncated)."""
+    return batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
 
 
 def test_vocab_size_works_before_setup(full_text, monkeypatch):
@@ -86,16 +90,22 @@ def test_blocks_with_subword_tokenizers_are_slices_of_their_split(small, kind, t
     assert batch["input_ids"].shape == (4, 16)
 
 
-def test_blocks_batches_have_shifted_labels_and_full_masks(small):
+def test_blocks_batches_have_shifted_labels_and_no_mask(small):
     dm = make(small, block_size=32, batch_size=8, train_samples=40, val_samples=24)
     for loader in [dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()]:
         batch = first_batch(loader)
-        assert set(batch) == {"input_ids", "attention_mask", "labels"}
-        assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (8, 32)
+        assert set(batch) == {"input_ids", "labels"}  # no padding in blocks mode, so no mask to look at
+        assert batch["input_ids"].shape == batch["labels"].shape == (8, 32)
         assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
-        assert bool(batch["attention_mask"].all())
     # nothing dropped: every window is served once per epoch
     assert sum(len(b["input_ids"]) for b in dm.train_dataloader()) == 40
+
+
+def test_a_batch_of_windows_is_fetched_in_one_go(small):
+    dataset = make(small, block_size=32, train_samples=40).train_dataset
+    indices = [5, 0, 39, 5, 17]
+    expected = torch.stack([dataset[i] for i in indices])  # the one-window path, sample by sample
+    assert torch.equal(dataset.__getitems__(indices), expected)
 
 
 def test_default_window_counts(small):
@@ -119,7 +129,7 @@ def test_speeches_tile_the_text_and_each_starts_at_a_turn(small):
 
 
 def test_speeches_are_truncated_and_dynamically_padded(small):
-    dm = make(small, mode="speeches", block_size=24, batch_size=16)
+    dm = make(small, mode="speeches", block_size=24, batch_size=16, pad_to_multiple_of=None)
     text = small.read_text()
     lengths = dm.train_dataset.lengths
     assert max(lengths) == 25 and min(lengths) < 25
@@ -127,18 +137,31 @@ def test_speeches_are_truncated_and_dynamically_padded(small):
     batch = first_batch(dm.val_dataloader())  # fixed order: the first 16 speeches of val
     real = torch.tensor(dm.val_dataset.lengths[:16]) - 1
     assert batch["input_ids"].shape == (16, int(real.max()))
-    assert torch.equal(batch["attention_mask"].sum(1), real)
-    assert bool((batch["labels"][batch["attention_mask"] == 0] == -100).all())
+    assert torch.equal(mask_of(batch).sum(1), real)
+    assert bool((batch["labels"][mask_of(batch) == 0] == -100).all())
+
+
+@pytest.mark.parametrize(("block_size", "widths"), [(128, {64, 128}), (100, {64, 100})])
+def test_speech_batches_are_bucketed_to_a_few_widths(small, block_size, widths):
+    # a compiled model then meets a few shapes instead of one per batch; never wider than block_size
+    dm = make(small, mode="speeches", block_size=block_size, batch_size=8, pad_to_multiple_of=64, group_by_length=True)
+    seen = set()
+    for batch in dm.train_dataloader():
+        width = batch["input_ids"].shape[1]
+        seen.add(width)
+        real = mask_of(batch).sum(1)
+        assert int(real.max()) <= width < int(real.max()) + 64
+    assert seen == widths
 
 
 def padding_fraction(loader):
-    masks = [batch["attention_mask"] for batch in loader]
+    masks = [mask_of(batch) for batch in loader]
     return 1 - sum(m.sum() for m in masks).item() / sum(m.numel() for m in masks)
 
 
 def test_group_by_length_cuts_padding(small):
-    random_order = make(small, mode="speeches", block_size=128, batch_size=8)
-    grouped = make(small, mode="speeches", block_size=128, batch_size=8, group_by_length=True)
+    random_order = make(small, mode="speeches", block_size=128, batch_size=8, pad_to_multiple_of=None)
+    grouped = make(small, mode="speeches", block_size=128, batch_size=8, group_by_length=True, pad_to_multiple_of=None)
     random_padding = padding_fraction(random_order.train_dataloader())
     grouped_padding = padding_fraction(grouped.train_dataloader())
     assert grouped_padding < 0.5 * random_padding
@@ -156,6 +179,9 @@ def test_length_grouped_sampler_order():
     sampler.set_epoch(1)
     assert list(sampler) != first
     assert list(LengthGroupedSampler(lengths, batch_size=4, seed=3)) == first
+    sampler.set_epoch(0)
+    sampler.resume_at(120)  # a resumed epoch continues the same order, once
+    assert list(sampler) == first[120:] and list(sampler) == first
 
 
 def test_same_seed_same_data_other_seed_other_data(small):
@@ -176,7 +202,9 @@ def test_same_seed_same_data_other_seed_other_data(small):
 def test_shuffled_epochs_differ(small):
     dm = make(small, block_size=16, batch_size=4, train_samples=32)
     loader = dm.train_dataloader()
-    first, second = [b["input_ids"] for b in loader], [b["input_ids"] for b in loader]
+    first = [b["input_ids"] for b in loader]
+    loader.sampler.set_epoch(1)  # Lightning's call at each epoch: the order is a function of seed and epoch
+    second = [b["input_ids"] for b in loader]
     assert not torch.equal(torch.cat(first), torch.cat(second))
     assert sorted(map(tuple, torch.cat(first).tolist())) == sorted(map(tuple, torch.cat(second).tolist()))
 
@@ -186,13 +214,13 @@ def test_two_ranks_split_the_data_disjointly(small, group_by_length):
     dm = make(small, mode="speeches", block_size=64, batch_size=8, group_by_length=group_by_length)
     dataset = dm.train_dataset
     n = len(dataset)
-    if group_by_length:  # what Lightning does with a custom sampler under DDP
-        samplers = [
-            DistributedSamplerWrapper(dm.train_dataloader().sampler, num_replicas=2, rank=r, shuffle=False)
-            for r in range(2)
-        ]
+    if group_by_length:  # the sampler shards itself: Lightning keeps a DistributedSampler as it is
+        samplers = [LengthGroupedSampler(dataset.lengths, batch_size=8, seed=5, num_replicas=2, rank=r) for r in range(2)]
     else:
-        samplers = [DistributedSampler(dataset, num_replicas=2, rank=r, shuffle=True, seed=5) for r in range(2)]
+        samplers = [ResumableSampler(dataset, seed=5, num_replicas=2, rank=r) for r in range(2)]
+        # the same shards as the DistributedSampler Lightning would otherwise inject
+        reference = [DistributedSampler(dataset, num_replicas=2, rank=r, shuffle=True, seed=5) for r in range(2)]
+        assert [list(a) for a in samplers] == [list(b) for b in reference]
     for epoch in range(2):
         shards = []
         for sampler in samplers:

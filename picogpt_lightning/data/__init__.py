@@ -1,8 +1,18 @@
-"""Data: finding the corpus, tokenizers, batching, and the Tiny Shakespeare LightningDataModule."""
+"""Data: finding the corpus, tokenizers, batching, Tiny Shakespeare, and prompt/completion data for SFT and DPO."""
 
 from picogpt_lightning.data.collate import PadCollator
+from picogpt_lightning.data.preference import InstructionDataModule, PreferenceDataModule
 from picogpt_lightning.data.shakespeare import TinyShakespeareDataModule
 from picogpt_lightning.data.source import DataSourceError, find_corpus
 from picogpt_lightning.data.tokenizer import Tokenizer, build_tokenizer
 
-__all__ = ["DataSourceError", "PadCollator", "TinyShakespeareDataModule", "Tokenizer", "build_tokenizer", "find_corpus"]
+__all__ = [
+    "DataSourceError",
+    "InstructionDataModule",
+    "PadCollator",
+    "PreferenceDataModule",
+    "TinyShakespeareDataModule",
+    "Tokenizer",
+    "build_tokenizer",
+    "find_corpus",
+]

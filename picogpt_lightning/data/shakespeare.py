@@ -1,17 +1,18 @@
 """Tiny Shakespeare as a LightningDataModule: nanoGPT's random windows, or one sample per speech.
 
-Everything here is a plain map-style dataset with an ordinary sampler, so Lightning can shard it
-across DDP ranks by itself (``use_distributed_sampler``).
+Everything here is a plain map-style dataset. The train loader's sampler shards it across DDP ranks
+itself and can resume part-way through an epoch, so an interrupted run continues with the very
+batches it would have seen (the position travels in checkpoints through ``state_dict``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from picogpt_lightning.data.collate import PadCollator
 from picogpt_lightning.data.source import find_corpus
@@ -59,6 +60,14 @@ class TokenWindows(Dataset):
         # clone: a view would ship the whole token stream to the main process when workers return it
         return self.tokens[offset : offset + self.block_size + 1].clone()
 
+    def __getitems__(self, indices: Sequence[int]) -> torch.Tensor:
+        """A whole batch of windows as one (batch, block_size + 1) tensor, gathered by one indexing op.
+
+        torch's DataLoader calls this, when a dataset has it, instead of one __getitem__ per sample.
+        """
+        starts = self.offsets[torch.as_tensor(indices, dtype=torch.long)]
+        return self.tokens[starts[:, None] + torch.arange(self.block_size + 1)]
+
     @property
     def lengths(self) -> list[int]:
         return [self.block_size + 1] * len(self)
@@ -81,35 +90,61 @@ class TokenSequences(Dataset):
         return [len(sequence) for sequence in self.sequences]
 
 
-class LengthGroupedSampler(Sampler[int]):
+class ResumableSampler(DistributedSampler):
+    """A shuffled order that depends only on ``seed`` and the epoch, sharded across ranks, resumable mid-epoch.
+
+    The order and the sharding are DistributedSampler's (``randperm`` seeded with ``seed + epoch``, rank r
+    taking every ``num_replicas``-th index); being a DistributedSampler, Lightning keeps it under DDP rather
+    than wrapping it in one of its own. ``resume_at(n)`` makes the next pass start after the first n samples
+    of this rank's share: the rest of an interrupted epoch, so a resumed run sees exactly the batches the
+    uninterrupted run would have. ``len`` stays the whole share, as Lightning counts the restored batches.
+    """
+
+    def __init__(self, dataset: Sized, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def epoch_order(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
+
+    def resume_at(self, samples_done: int) -> None:
+        self.start = samples_done
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.epoch_order()
+        while len(order) < self.total_size:  # repeat the start so every rank gets as many (DistributedSampler's rule)
+            order += order[: self.total_size - len(order)]
+        start, self.start = self.start, 0  # only the first pass after a resume starts part-way
+        return iter(order[self.rank : self.total_size : self.num_replicas][start:])
+
+
+class LengthGroupedSampler(ResumableSampler):
     """Random order in which neighbouring samples have similar lengths, so batches carry little padding.
 
     Shuffles all indices, cuts them into megabatches of ``megabatch_size * batch_size`` and sorts each
     megabatch by length (longest first), the idea behind transformers' ``group_by_length``. The order
-    depends only on ``seed`` and the epoch set by ``set_epoch`` (Lightning calls it, also through its
-    DDP wrapper), so every rank computes the same order and takes its own share of it.
+    depends only on ``seed`` and the epoch set by ``set_epoch``, so every rank computes the same order
+    and takes its own share of it (neighbours in the order, so a rank's batches stay grouped too).
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, megabatch_size: int = 50):
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int = 0, megabatch_size: int = 50,
+        num_replicas: int = 1, rank: int = 0,
+    ):
         if batch_size < 1 or megabatch_size < 1:
             raise ValueError(f"batch_size and megabatch_size must be positive, got {batch_size} and {megabatch_size}")
+        super().__init__(lengths, seed=seed, num_replicas=num_replicas, rank=rank)
         self.lengths = list(lengths)
-        self.group_size = megabatch_size * batch_size
-        self.seed = seed
-        self.epoch = 0
+        self.group_size = megabatch_size * batch_size * num_replicas
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+    def epoch_order(self) -> list[int]:
+        order = super().epoch_order()
+        grouped = []
         for start in range(0, len(order), self.group_size):
             group = order[start : start + self.group_size]
-            yield from sorted(group, key=lambda index: self.lengths[index], reverse=True)
+            grouped += sorted(group, key=lambda index: self.lengths[index], reverse=True)
+        return grouped
 
 
 class TinyShakespeareDataModule(L.LightningDataModule):
@@ -117,8 +152,10 @@ class TinyShakespeareDataModule(L.LightningDataModule):
 
     ``mode="blocks"``: windows of ``block_size + 1`` tokens at random offsets, exactly nanoGPT's data.
     ``mode="speeches"``: one sample per speaker turn, truncated to ``block_size + 1`` tokens and padded
-    per batch. The first ``1 - val_fraction`` of the characters train; in speeches mode a turn that
-    crosses that point trains whole, so no speech is cut in two.
+    per batch, to a multiple of ``pad_to_multiple_of`` (default 64, at most ``block_size``) so that a
+    compiled model sees a few widths, not one per batch. The first ``1 - val_fraction`` of the
+    characters train; in speeches mode a turn that crosses that point trains whole, so no speech is
+    cut in two.
     """
 
     def __init__(
@@ -132,6 +169,7 @@ class TinyShakespeareDataModule(L.LightningDataModule):
         train_samples: int | None = None,
         val_samples: int | None = None,
         group_by_length: bool = False,
+        pad_to_multiple_of: int | None = 64,
         num_workers: int = 0,
         seed: int = 1337,
         val_fraction: float = 0.1,
@@ -151,6 +189,8 @@ class TinyShakespeareDataModule(L.LightningDataModule):
         for name, value in [("train_samples", train_samples), ("val_samples", val_samples)]:
             if value is not None:
                 _require_positive_int(name, value)
+        if pad_to_multiple_of is not None:
+            _require_positive_int("pad_to_multiple_of", pad_to_multiple_of)
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         if not 0 < val_fraction < 1:
@@ -161,6 +201,8 @@ class TinyShakespeareDataModule(L.LightningDataModule):
         self._tokenizer: Tokenizer | None = None
         self.train_dataset: TokenWindows | TokenSequences | None = None
         self.val_dataset: TokenWindows | TokenSequences | None = None
+        self._train_sampler: ResumableSampler | None = None
+        self._resume_position: tuple[int, int] | None = None  # (epoch, samples done) of a resumed run (state_dict)
 
     @property
     def text(self) -> str:
@@ -212,11 +254,36 @@ class TinyShakespeareDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._require_dataset(self.train_dataset, "train")
+        trainer = self.trainer
+        shard = dict(num_replicas=trainer.world_size, rank=trainer.global_rank) if trainer is not None else {}
+        seed, batch_size = self.hparams.seed, self.hparams.batch_size
         if self.hparams.group_by_length:
-            sampler = LengthGroupedSampler(dataset.lengths, self.hparams.batch_size, seed=self.hparams.seed)
-            return self._loader(dataset, sampler=sampler)
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return self._loader(dataset, shuffle=True, generator=generator)
+            sampler = LengthGroupedSampler(dataset.lengths, batch_size, seed=seed, **shard)
+        else:
+            sampler = ResumableSampler(dataset, seed=seed, **shard)
+        if self._resume_position is not None:
+            # set here, not left to Lightning's set_epoch: a resumed loader starts before Lightning calls it
+            epoch, samples_done = self._resume_position
+            sampler.set_epoch(epoch)
+            sampler.resume_at(samples_done)
+            self._resume_position = None
+        self._train_sampler = sampler
+        return self._loader(dataset, sampler=sampler)
+
+    # Lightning restores the model, the optimizer and its loops from a checkpoint, not where the train
+    # loader stood: the data module saves that (the epoch, and the samples of this rank's share trained on)
+    def state_dict(self) -> dict:
+        trainer, sampler = self.trainer, self._train_sampler
+        if trainer is None or sampler is None or trainer.state.fn != "fit":
+            return {}
+        samples_done = trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.hparams.batch_size
+        if samples_done >= sampler.num_samples:  # a finished epoch: the next one starts from its beginning
+            return {"train_epoch": sampler.epoch + 1, "train_samples_done": 0}
+        return {"train_epoch": sampler.epoch, "train_samples_done": samples_done}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "train_epoch" in state_dict:
+            self._resume_position = (int(state_dict["train_epoch"]), int(state_dict["train_samples_done"]))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._require_dataset(self.val_dataset, "val"), shuffle=False)
@@ -257,14 +324,21 @@ class TinyShakespeareDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         workers = self.hparams.num_workers
+        # blocks-mode windows all have block_size tokens; only speeches are bucketed
+        multiple = self.hparams.pad_to_multiple_of if self.hparams.mode == "speeches" else None
+        collator = PadCollator(self.pad_token_id, pad_to_multiple_of=multiple, max_length=self.hparams.block_size)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            collate_fn=PadCollator(pad_token_id=self.pad_token_id),
+            collate_fn=collator,
             num_workers=workers,
             persistent_workers=workers > 0,
+            pin_memory=self._on_cuda(),  # page-locked batches copy to the GPU asynchronously
             **kwargs,
         )
+
+    def _on_cuda(self) -> bool:
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     @staticmethod
     def _require_dataset(dataset, split: str):

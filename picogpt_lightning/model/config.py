@@ -3,8 +3,10 @@
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
+from picogpt_lightning.quant.bitnet import BITNET_KINDS
+
 MLP_KINDS = ("swiglu", "gelu")
-LINEAR_KINDS = ("linear",)  # BitNet kinds join this list with the quantization package
+LINEAR_KINDS = ("linear", *BITNET_KINDS)  # nn.Linear, or BitNet's BitLinear (1.58-bit or 1-bit weights)
 
 
 @dataclass
@@ -23,7 +25,7 @@ class PicoGPTConfig:
     dropout: float = 0.0
     bias: bool = False
     neftune_noise_alpha: float = 0.0
-    linear: str = "linear"
+    linear: str = "linear"  # the blocks' projections: "linear", "bitnet1.58" or "bitnet1" (BitLinear)
 
     def __post_init__(self):
         if self.n_query_groups is None:

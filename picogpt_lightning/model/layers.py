@@ -8,13 +8,16 @@ from torch import nn
 
 from picogpt_lightning.model.cache import StaticLayerCache
 from picogpt_lightning.model.config import PicoGPTConfig
+from picogpt_lightning.quant.bitnet import BitLinear
 
 KVCache = Tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (B, n_query_groups, T_past, head_size)
 
 
 def make_linear(config: PicoGPTConfig, in_features: int, out_features: int) -> nn.Module:
     """The one place a projection is built, so the linear kind can be switched by config."""
-    return nn.Linear(in_features, out_features, bias=config.bias)
+    if config.linear == "linear":
+        return nn.Linear(in_features, out_features, bias=config.bias)
+    return BitLinear(in_features, out_features, bias=config.bias, kind=config.linear)
 
 
 class RotaryEmbedding(nn.Module):
@@ -64,12 +67,15 @@ def build_attention_mask(
 ) -> Optional[torch.Tensor]:
     """A boolean (B, 1, T_q, T_k) mask, True = may attend: causal and not a pad key.
 
-    Returns None when SDPA's own causal flag (no cache) or no mask at all (one cached
-    query) is exact, so it can take its fastest path. Every query may always see itself,
+    Without `attention_mask` (no padding) returns None when SDPA's own causal flag (no
+    cache) or no mask at all (one cached query) is exact, so it can take its fastest path.
+    A given mask is always applied, built with tensor ops only: asking whether it is all
+    ones would stall the GPU and break a compiled graph, so callers that know there is no
+    padding pass None (the collator and generate do). Every query may always see itself,
     so a pad query whose keys are all pads (left padding) gets a finite output instead
     of NaN; real tokens never read pad positions, so that choice reaches no real output.
     """
-    no_padding = attention_mask is None or bool(attention_mask.all())
+    no_padding = attention_mask is None
     if no_padding and (past_len == 0 or query_len == 1):
         return None
     key_len = past_len + query_len

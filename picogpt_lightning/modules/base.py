@@ -1,7 +1,8 @@
 """What every training recipe here shares: optimizer, schedule, logging, checkpoint contents.
 
 Subclasses build `self.model` (the PicoGPT being trained) and implement `compute_losses`;
-the loop, the optimizer and what goes into a checkpoint live here once.
+the loop, the optimizer and what goes into a checkpoint live here once, and so does the
+handling of a frozen model beside the trained one (a distillation teacher, a DPO reference).
 """
 
 import inspect
@@ -14,7 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
-from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.tensor import DTensor
 from torchmetrics.text import Perplexity
 
 from picogpt_lightning.callbacks import StepProgressBar
@@ -22,6 +26,8 @@ from picogpt_lightning.checkpoints import CONFIG_KEY, STATE_DICT_KEY, TOKENIZER_
 from picogpt_lightning.data.collate import IGNORE_INDEX
 from picogpt_lightning.data.tokenizer import Tokenizer
 from picogpt_lightning.model import PicoGPTConfig
+
+SCHEDULE_LENGTH_KEY = "picogpt_schedule_length"  # the run's learning-rate schedule length, kept on resume
 
 # a frozen teacher or reference model is in eval mode on purpose; Lightning warns about any at fit start
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -106,9 +112,42 @@ class PicoGPTModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
         self.compile_model = compile  # `self.compile` would hide nn.Module.compile
+        self.compiled_losses = None  # torch.compile(self.compute_losses), built in configure_model
         self.tokenizer = None  # taken from the datamodule in setup(), stored in checkpoints
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self._step_items = None  # loss items counted so far in this optimizer step (see training_step)
+        self._frozen_saved: Dict[str, bool] = {}  # attribute name of each frozen model -> kept in checkpoints
+
+    # ---- frozen models beside the trained one -----------------------------------------
+
+    def add_frozen(self, name: str, model: nn.Module, save: bool = False) -> nn.Module:
+        """Keeps `model` as `self.<name>`, frozen: eval mode for good, no gradients, not in the optimizer,
+        and left out of checkpoints unless `save` (it is rebuilt from its own source instead)."""
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        setattr(self, name, model)
+        self._frozen_saved[name] = save
+        return model
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Strict, except that a frozen model left out of checkpoints may be missing (it comes from its path)."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        unsaved = tuple(f"{name}." for name, save in self._frozen_saved.items() if not save)
+        missing = [key for key in result.missing_keys if not key.startswith(unsaved)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"the checkpoint does not match the trained model: missing keys {missing}, "
+                f"unexpected keys {result.unexpected_keys}"
+            )
+        return result
+
+    def train(self, mode: bool = True):
+        # Lightning switches the whole module to train mode every epoch; frozen models keep dropout off
+        super().train(mode)
+        for name in getattr(self, "_frozen_saved", {}):
+            getattr(self, name).eval()
+        return self
 
     # ---- what subclasses define -------------------------------------------------------
 
@@ -129,6 +168,10 @@ class PicoGPTModule(L.LightningModule):
     def forward(self, input_ids, attention_mask=None, **kwargs):
         return self.model(input_ids, attention_mask=attention_mask, **kwargs)
 
+    def step_losses(self, batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """compute_losses, through its compiled graph when `compile=True`."""
+        return (self.compiled_losses or self.compute_losses)(batch)
+
     # Token-weighted losses: a step's loss is the sum over every real token of the step (all
     # accumulated micro-batches, all ranks) divided by their number, as transformers' Trainer
     # does with num_items_in_batch. Lightning runs each micro-batch's backward before it has
@@ -139,7 +182,7 @@ class PicoGPTModule(L.LightningModule):
     # gradient of sum / count. The count stays a tensor: no host sync.
 
     def training_step(self, batch, batch_idx):
-        losses, _ = self.compute_losses(batch)
+        losses, _ = self.step_losses(batch)
         self._log_losses("train", losses, batch, prog_bar=True, on_step=True, on_epoch=False)
         items = self.loss_items(batch)
         self._step_items = items if self._step_items is None else self._step_items + items
@@ -191,7 +234,7 @@ class PicoGPTModule(L.LightningModule):
         self._evaluate(batch, "test")
 
     def _evaluate(self, batch, stage: str) -> None:
-        losses, logits = self.compute_losses(batch)
+        losses, logits = self.step_losses(batch)
         self._log_losses(stage, losses, batch, prog_bar=True, on_step=False, on_epoch=True)
         self.val_perplexity.update(logits.float(), batch["labels"])
         self.log(f"{stage}/ppl", self.val_perplexity, on_step=False, on_epoch=True, sync_dist=True)
@@ -199,15 +242,18 @@ class PicoGPTModule(L.LightningModule):
     def _log_losses(self, stage, losses, batch, **log_options) -> None:
         # weight each batch by its real tokens so epoch means are per-token means; per-step values
         # need no weight, and counting there would stall the GPU once every training step
-        tokens = int((batch["labels"] != IGNORE_INDEX).sum()) if log_options.get("on_epoch") else None
+        weight = int(self.loss_items(batch)) if log_options.get("on_epoch") else None
         for name, value in losses.items():
             self.log(
-                f"{stage}/{name}", value.detach(), batch_size=tokens, sync_dist=stage != "train", **log_options
+                f"{stage}/{name}", value.detach(), batch_size=weight, sync_dist=stage != "train", **log_options
             )
 
     # ---- setup, optimizer, schedule ---------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and self.trainer.strategy.root_device.type == "cuda":
+            # TF32 tensor cores for the float32 matmuls left outside autocast (fp32 runs, the loss)
+            torch.set_float32_matmul_precision("high")
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_block_size = getattr(getattr(datamodule, "hparams", None), "block_size", None)
         if data_block_size is not None and data_block_size > self.config.block_size:
@@ -226,10 +272,36 @@ class PicoGPTModule(L.LightningModule):
         self.tokenizer = tokenizer
 
     def configure_model(self) -> None:
-        if self.compile_model:
-            # Module.compile compiles __call__ in place: `self.model` stays a PicoGPT and its
-            # state-dict keys get no `_orig_mod.` prefix, so checkpoints load without compile
-            self.model.compile()
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, parameters sharded as DTensors
+            if self.device_mesh["tensor_parallel"].size() > 1:
+                raise ValueError(
+                    f"ModelParallelStrategy has tensor_parallel_size {self.device_mesh['tensor_parallel'].size()}, "
+                    "but this model shards by FSDP only; set tensor_parallel_size: 1 and data_parallel_size to "
+                    "the number of devices (see configs/fsdp.yaml)"
+                )
+            shard_trainable_modules(self, self.device_mesh["data_parallel"])
+        if self.compile_model and self.compiled_losses is None:
+            # compile what a step runs, model and loss, as one graph; the model itself stays as it
+            # is, so generation (SampleGenerationCallback) runs eagerly instead of recompiling the
+            # graph for every decoding shape, and state-dict keys get no `_orig_mod.` prefix
+            self.compiled_losses = torch.compile(self.compute_losses)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Norm clipping done here whenever no loss scaler holds the gradients (fp32, bf16).
+
+        Lightning's precision plugins refuse norm clipping with a fused optimizer (mixed
+        precision) and with FSDP, although only fp16's scaled gradients make either unsafe.
+        Clipping before a fused step is exact when nothing is scaled, and FSDP's root module
+        clips its shards against the global norm itself.
+        """
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+        if not gradient_clip_val or algorithm != GradClipAlgorithmType.NORM or has_loss_scaler(self._trainer):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        sharded = self.trainer.strategy.model
+        if isinstance(sharded, FullyShardedDataParallel):
+            sharded.clip_grad_norm_(gradient_clip_val)
+        else:  # one device, DDP, and FSDP2's DTensors, whose norm torch reduces over the shards
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
     def configure_optimizers(self):
         matrices = matrix_parameter_ids(self)
@@ -247,31 +319,69 @@ class PicoGPTModule(L.LightningModule):
         trainer = self._trainer
         fused = fused_option(decay + no_decay) if fused_adamw_can_clip(trainer) else {}
         optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, **fused)
-        decay_steps = self.lr_decay_steps or self.trainer.estimated_stepping_batches
-        if math.isinf(decay_steps):
-            raise ValueError(
-                "the learning-rate schedule needs a length, but this run has no max_steps or max_epochs limit; "
-                "set trainer max_steps or model lr_decay_steps"
-            )
+        decay_steps = self.schedule_length = self.resolve_schedule_length()
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: warmup_cosine(step, self.warmup_steps, int(decay_steps), self.min_lr / self.learning_rate),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
 
+    def resolve_schedule_length(self) -> int:
+        """Steps of the warmup+cosine schedule: fixed when a run starts and kept when it resumes."""
+        length = self.lr_decay_steps or self.trainer.estimated_stepping_batches
+        if math.isinf(length):
+            raise ValueError(
+                "the learning-rate schedule needs a length, but this run has no max_steps or max_epochs limit; "
+                "set trainer max_steps or model lr_decay_steps"
+            )
+        length = int(length)
+        stored = getattr(self, "_resumed_schedule_length", None)
+        if stored is not None and stored != length:
+            rank_zero_warn(
+                f"resuming a run whose learning-rate schedule spans {stored} steps; keeping it (this run asks for "
+                f"{length}: max_steps or lr_decay_steps changed). Start a new run with init_from to change it."
+            )
+            return stored
+        return length
+
     # ---- checkpoints ------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # config and tokenizer travel inside the .ckpt so PicoGPT.from_checkpoint needs nothing else
         checkpoint[CONFIG_KEY] = self.config.to_dict()
+        if getattr(self, "schedule_length", None) is not None:
+            checkpoint[SCHEDULE_LENGTH_KEY] = self.schedule_length
         if self.tokenizer is not None:
             checkpoint[TOKENIZER_KEY] = self.tokenizer.to_dict()
+        state_dict = checkpoint.get(STATE_DICT_KEY, {})
+        for name, save in self._frozen_saved.items():
+            if not save:
+                for key in [key for key in state_dict if key.startswith(f"{name}.")]:
+                    del state_dict[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resumed_schedule_length = checkpoint.get(SCHEDULE_LENGTH_KEY)  # read by configure_optimizers next
         if STATE_DICT_KEY in checkpoint:  # resuming from a run that wrapped the model in torch.compile
             checkpoint[STATE_DICT_KEY] = strip_compile_prefix(checkpoint[STATE_DICT_KEY])
         if TOKENIZER_KEY in checkpoint and self.tokenizer is None:
             self.tokenizer = Tokenizer.from_dict(checkpoint[TOKENIZER_KEY])
+
+
+def shard_trainable_modules(module: "PicoGPTModule", mesh) -> None:
+    """FSDP2: one unit per transformer block, then the rest of the trained model as the root unit.
+
+    Other trainable parts (a distillation projection) get their own unit so their gradients are
+    reduced across ranks too; a frozen teacher or reference stays whole on every rank (it has
+    no gradients to reduce). Called again on a model already sharded, it changes nothing.
+    """
+    if isinstance(module.model.lm_head.weight, DTensor):
+        return
+    for block in module.model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(module.model, mesh=mesh)
+    for child in module.children():
+        if child is not module.model and any(param.requires_grad for param in child.parameters()):
+            fully_shard(child, mesh=mesh)
 
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu")
@@ -291,16 +401,20 @@ def fused_option(params) -> dict:
 
 
 def fused_adamw_can_clip(trainer: Optional["L.Trainer"]) -> bool:
-    """False where Lightning clips gradients under mixed precision, which a fused AdamW cannot join.
+    """False only where gradients are clipped while fp16's loss scaler still holds them scaled.
 
-    A fused step unscales fp16 gradients inside itself, after Lightning's clipping: Lightning's
-    mixed-precision plugin refuses that pairing outright (for bf16 too), and FSDP's would clip
-    gradients that are still scaled. There AdamW runs its foreach kernel, nearly as fast.
+    A fused step unscales inside itself, after any clipping, so clipping would see scaled
+    gradients; there AdamW runs its foreach kernel, nearly as fast. fp32 and bf16 have no
+    scaler, and `PicoGPTModule.configure_gradient_clipping` clips before the fused step.
     """
     if trainer is None or not trainer.gradient_clip_val:
         return True
-    plugin = trainer.precision_plugin
-    return not isinstance(plugin, MixedPrecision) and getattr(plugin, "scaler", None) is None
+    return not has_loss_scaler(trainer)
+
+
+def has_loss_scaler(trainer: Optional["L.Trainer"]) -> bool:
+    """True under fp16 mixed precision, whose gradients stay scaled until the optimizer step."""
+    return trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
 
 
 def matrix_parameter_ids(module: torch.nn.Module) -> set:

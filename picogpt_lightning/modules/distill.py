@@ -47,7 +47,6 @@ from picogpt_lightning.losses import default_layer_map, hidden_cosine_loss, kd_l
 from picogpt_lightning.model import PicoGPT, PicoGPTConfig
 from picogpt_lightning.modules.base import IGNORE_INDEX, PicoGPTModule, flops_per_token, next_token_loss
 
-TEACHER_PREFIX = "teacher."
 QUANTIZATIONS = ("4bit",)
 
 
@@ -90,15 +89,14 @@ class DistillationModule(PicoGPTModule):
         self.temperature = temperature
         self.alpha_ce, self.alpha_kd, self.alpha_cos = alpha_ce, alpha_kd, alpha_cos
         self.kd_top_k = kd_top_k
-        self.save_teacher = save_teacher
         # loading the teacher leaves the random state alone, so with the same seed the student
         # starts from the same weights as the same config trained without a teacher
         with torch.random.fork_rng(devices=[]):
-            teacher_model = freeze(load_teacher(teacher, teacher_quantization))
+            teacher_model = load_teacher(teacher, teacher_quantization)
         self.teacher_vocab_size, teacher_layers, teacher_width = teacher_layout(teacher_model)
         self.config = dataclasses.replace(config, vocab_size=self.teacher_vocab_size)
         self.model = PicoGPT(self.config)
-        self.teacher = teacher_model
+        self.add_frozen("teacher", teacher_model, save=save_teacher)
         self.layer_map = None
         self.hidden_projection = None
         if alpha_cos > 0:
@@ -110,13 +108,7 @@ class DistillationModule(PicoGPTModule):
     def uses_teacher(self) -> bool:
         return self.alpha_kd > 0 or self.alpha_cos > 0
 
-    # ---- the teacher stays frozen -----------------------------------------------------
-
-    def train(self, mode: bool = True):
-        # Lightning switches the whole module to train mode every epoch; the teacher's dropout stays off
-        super().train(mode)
-        self.teacher.eval()
-        return self
+    # ---- the teacher stays frozen (PicoGPTModule.add_frozen) ---------------------------
 
     @torch.no_grad()
     def teacher_forward(self, batch, output_hidden_states: bool):
@@ -170,30 +162,6 @@ class DistillationModule(PicoGPTModule):
             )
         super().setup(stage)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Strict for everything but the teacher, whose weights a checkpoint may leave out (save_teacher=False)."""
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [key for key in result.missing_keys if not key.startswith(TEACHER_PREFIX)]
-        if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(
-                f"the checkpoint does not match the student: missing keys {missing}, "
-                f"unexpected keys {result.unexpected_keys}"
-            )
-        return result
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if not self.save_teacher:  # the teacher is reloaded from its own path; no need to copy it
-            state_dict = checkpoint["state_dict"]
-            for key in [key for key in state_dict if key.startswith(TEACHER_PREFIX)]:
-                del state_dict[key]
-
-
-def freeze(teacher: nn.Module) -> nn.Module:
-    teacher.eval()
-    for param in teacher.parameters():
-        param.requires_grad_(False)
-    return teacher
 
 
 def check_weights(temperature: float, alpha_ce: float, alpha_kd: float, alpha_cos: float) -> None:

@@ -1,8 +1,14 @@
-"""Language modelling: next-token cross-entropy, for pretraining and supervised fine-tuning."""
+"""Language modelling: next-token cross-entropy, for pretraining and supervised fine-tuning.
+
+Supervised fine-tuning (SFT) is the same loss on prompt/completion samples: the data's labels
+are -100 on the prompt (data/preference.py's InstructionDataModule), so only the completion
+is learnt, while the prompt still conditions it.
+"""
 
 from typing import Optional
 
 from picogpt_lightning import checkpoints
+from picogpt_lightning.data.tokenizer import Tokenizer
 from picogpt_lightning.model import PicoGPT, PicoGPTConfig
 from picogpt_lightning.modules.base import PicoGPTModule, next_token_loss
 
@@ -11,23 +17,39 @@ class LanguageModelModule(PicoGPTModule):
     """Trains a PicoGPT on next-token prediction; see PicoGPTModule for the optimizer arguments.
 
     `init_from`: a checkpoint of this project whose weights start the run (fine-tuning). Its
-    architecture must match `config`; training-time fields (dropout, neftune_noise_alpha) may differ.
-    It is read when a run starts (`setup`), not when the module is built: a checkpoint of the
-    fine-tuned run restores its own weights (`load_from_checkpoint`), so it never needs the base again.
+    architecture must match `config` (training-time fields such as dropout and neftune_noise_alpha may
+    differ) and its tokenizer the data's. Its weights are read when a run starts (`setup`), not when
+    the module is built: a checkpoint of the fine-tuned run restores its own weights
+    (`load_from_checkpoint`), so it never needs the base again. Leave `config` unset to take the
+    architecture and the tokenizer from `init_from` (read at once then, and again whenever the
+    module is rebuilt from its hyperparameters).
     """
 
-    def __init__(self, config: PicoGPTConfig, init_from: Optional[str] = None, **kwargs):
-        super().__init__(config, **kwargs)
+    def __init__(self, config: Optional[PicoGPTConfig] = None, init_from: Optional[str] = None, **kwargs):
+        if config is None and init_from is None:
+            raise ValueError("LanguageModelModule needs a model config, or init_from=<checkpoint> to take one from")
+        start = checkpoints.load(init_from) if config is None else None
+        super().__init__(config if start is None else start.resolve_config(), **kwargs)
         self.save_hyperparameters()
-        self.model = PicoGPT(config)
-        self._pending_init_from = init_from
+        self.model = PicoGPT(self.config)
+        self._pending_init_from = start or init_from  # a file already read is not read again at setup
+        if start is not None and start.tokenizer_dict is not None:
+            self.tokenizer = Tokenizer.from_dict(start.tokenizer_dict)  # the data may tokenize with it
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self._pending_init_from is not None:
             checkpoint = checkpoints.load(self._pending_init_from)
+            checkpoints.require_unquantized(checkpoint, "init_from (training needs full-precision weights)")
             checkpoint.resolve_config(self.config)  # same architecture, or a one-line error naming the fields
             checkpoint.load_weights(self.model)
+            # token ids mean nothing under another tokenizer: the same vocabulary size would hide the remapping
+            if checkpoint.tokenizer_dict is not None and self.tokenizer is not None:
+                if self.tokenizer.to_dict() != checkpoint.tokenizer_dict:
+                    raise checkpoints.CheckpointError(
+                        f"{checkpoint.path} was trained with another tokenizer than the data's; fine-tune with the "
+                        "tokenizer it was trained with (the data module's tokenizer and corpus)"
+                    )
             self._pending_init_from = None  # once: a second fit or validate keeps the trained weights
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

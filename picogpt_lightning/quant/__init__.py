@@ -1,0 +1,11 @@
+"""Quantization in pure PyTorch: NF4 weights (QLoRA) and BitNet's 1.58-bit and 1-bit layers.
+
+    quantize_nf4(model)                       # linear layers -> NF4Linear (4-bit, dequantized on the fly)
+    PicoGPTConfig(linear="bitnet1.58")        # train with BitLinear; pack_bitnet(model) packs it for inference
+    python -m picogpt_lightning quantize --ckpt CKPT --method nf4|bitnet --out FILE
+"""
+
+from picogpt_lightning.quant.bitnet import BitLinear, PackedBitLinear, pack_bitnet
+from picogpt_lightning.quant.nf4 import NF4Linear, quantize_nf4
+
+__all__ = ["BitLinear", "NF4Linear", "PackedBitLinear", "pack_bitnet", "quantize_nf4"]

@@ -1,0 +1,151 @@
+"""BitNet linear layers: 1.58-bit (ternary) and 1-bit (binary) weights, 8-bit activations.
+
+Training keeps full-precision latent weights and quantizes them on every forward
+(BitNet b1.58's training notes):
+
+    x_n = x / rms(x)                                   no learned gain, eps 1e-6
+    a   = clamp(round(x_n * 127 / max|x_n|), -128, 127) * max|x_n| / 127     per token
+    w   = clamp(round(W / s), -1, 1) * s,   s = mean|W|                      per tensor (1.58 bits)
+    w   = sign(W - mean(W)) * mean|W|                                         per tensor (1 bit)
+    y   = linear(a, w)
+
+Gradients pass the rounding unchanged (straight-through estimator). After training,
+`pack_bitnet` swaps each BitLinear for a `PackedBitLinear`, which stores each weight as its
+code (2 bits or 1 bit) plus one scale and computes exactly what the training layer computed.
+
+Pure PyTorch: the model package builds these layers, so nothing here imports Lightning.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BITNET_KINDS = {"bitnet1.58": 2, "bitnet1": 1}  # linear kind -> bits per packed weight
+RMS_EPS = 1e-6
+SCALE_EPS = 1e-5  # floor for max|x_n| and mean|W|, so an all-zero row or tensor stays finite
+
+
+def straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """Forward value exactly `quantized`, gradient as if it were `x` (the identity).
+
+    Written as q + (x - x) with q and one x detached rather than x + (q - x).detach(): the same
+    gradient, but adding an exact zero cannot round, so the packed model reproduces the
+    training model bit for bit.
+    """
+    return quantized.detach() + (x - x.detach())
+
+
+def quantize_activations(x_n: torch.Tensor) -> torch.Tensor:
+    """Per-token absmax quantization to 8 bits, returned dequantized."""
+    scale = 127.0 / x_n.abs().amax(dim=-1, keepdim=True).clamp(min=SCALE_EPS)
+    return (x_n * scale).round().clamp(-128, 127) / scale
+
+
+def weight_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Per-tensor scale of both kinds: the mean absolute value (a 0-d tensor: no host sync)."""
+    return weight.abs().mean().clamp(min=SCALE_EPS)
+
+
+def weight_codes(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """Each weight's code as a float: {-1, 0, 1} for 1.58 bits, {-1, 1} for 1 bit."""
+    if kind == "bitnet1.58":
+        return (weight / weight_scale(weight)).round().clamp(-1, 1)
+    # the 1-bit BitNet paper's Sign: +1 above the mean, -1 at or below it (never 0, so 1 bit holds it)
+    return torch.where(weight > weight.mean(), 1.0, -1.0).to(weight.dtype)
+
+
+def quantize_weights(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    return weight_codes(weight, kind) * weight_scale(weight)
+
+
+def bitnet_linear(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """linear(quantized activations of RMS-normalised x, weight); both layers share it."""
+    x_n = F.rms_norm(x, (x.shape[-1],), eps=RMS_EPS)
+    return F.linear(straight_through(x_n, quantize_activations(x_n)), weight, bias)
+
+
+class BitLinear(nn.Linear):
+    """A drop-in nn.Linear that trains BitNet weights: full-precision latent weights, quantized forward."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, kind: str = "bitnet1.58"):
+        if kind not in BITNET_KINDS:
+            raise ValueError(f"BitLinear kind must be one of {tuple(BITNET_KINDS)}, got {kind!r}")
+        super().__init__(in_features, out_features, bias=bias)
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = straight_through(self.weight, quantize_weights(self.weight, self.kind))
+        return bitnet_linear(x, weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kind={self.kind}"
+
+
+# ---- packing: codes at 2 or 1 bits each, several to a byte ---------------------------------
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Non-negative integer codes < 2**bits, flattened, packed 8 // bits to a uint8 (first code in the low bits)."""
+    per_byte = 8 // bits
+    flat = codes.flatten().to(torch.uint8)
+    flat = F.pad(flat, (0, -flat.numel() % per_byte)).view(-1, per_byte)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (flat << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """The inverse of `pack_codes`: the first `numel` codes as uint8."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    mask = (1 << bits) - 1
+    return ((packed[:, None] >> shifts) & mask).flatten()[:numel]
+
+
+class PackedBitLinear(nn.Module):
+    """Inference-only BitNet layer holding packed codes and one scale; same output as the BitLinear it came from."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, kind: str = "bitnet1.58"):
+        super().__init__()
+        if kind not in BITNET_KINDS:
+            raise ValueError(f"PackedBitLinear kind must be one of {tuple(BITNET_KINDS)}, got {kind!r}")
+        self.in_features, self.out_features, self.kind = in_features, out_features, kind
+        bits = BITNET_KINDS[kind]
+        numel = in_features * out_features
+        self.register_buffer("packed", torch.zeros(-(-numel // (8 // bits)), dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_bitlinear(cls, layer: BitLinear) -> "PackedBitLinear":
+        packed = cls(layer.in_features, layer.out_features, layer.bias is not None, layer.kind)
+        with torch.no_grad():
+            weight = layer.weight.float()
+            # ternary codes -1, 0, 1 stored as 0, 1, 2; binary codes -1, 1 as 0, 1
+            codes = weight_codes(weight, layer.kind)
+            codes = codes + 1 if layer.kind == "bitnet1.58" else (codes + 1) / 2
+            packed.packed.copy_(pack_codes(codes, BITNET_KINDS[layer.kind]))
+            packed.scale.copy_(weight_scale(weight))
+            if layer.bias is not None:
+                packed.bias.copy_(layer.bias)
+        return packed
+
+    def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized weight: code times scale."""
+        codes = unpack_codes(self.packed, BITNET_KINDS[self.kind], self.in_features * self.out_features).float()
+        codes = codes - 1 if self.kind == "bitnet1.58" else codes * 2 - 1
+        return (codes.view(self.out_features, self.in_features) * self.scale).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return bitnet_linear(x, self.weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
+
+
+def pack_bitnet(model: nn.Module) -> nn.Module:
+    """Replaces every BitLinear in `model` by its PackedBitLinear, in place; returns the model."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, BitLinear):
+                setattr(module, child_name, PackedBitLinear.from_bitlinear(child))
+    return model
