@@ -3,10 +3,18 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounter
+from transformers import CompileConfig
 
 from picogpt_lightning import PicoGPT, PicoGPTConfig
 from picogpt_lightning.hf import to_hf
-from picogpt_lightning.model.generation import logits_processors, resolve_generation_config
+from picogpt_lightning.model.cache import StaticKVCache
+from picogpt_lightning.model.generation import (
+    decode_step_for,
+    logits_processors,
+    next_token_logits,
+    resolve_generation_config,
+)
 
 
 def process(scores, sequences, counted_positions=None, min_tokens_to_keep=1, **options):
@@ -74,6 +82,16 @@ def a_likely_eos(model, input_ids, attention_mask) -> int:
     return int(greedy[0, -1])
 
 
+# The caches the parity tests run with. "static" goes through dynamo's fullgraph capture of
+# the decode step, run by the eager backend: the same graph inductor compiles, without a
+# C++ build per shape (test_inductor_compiled_static_cache_... runs inductor itself).
+CACHES = {
+    "dynamic": dict(),
+    "static": dict(cache_implementation="static", compile_config=CompileConfig(backend="eager", mode=None)),
+}
+with_each_cache = pytest.mark.parametrize("cache", list(CACHES))
+
+
 def hf_generate(llama, input_ids, attention_mask, **options):
     options.setdefault("eos_token_id", None)
     return llama.generate(input_ids, attention_mask=attention_mask, pad_token_id=PAD, **options)
@@ -91,15 +109,18 @@ DECODING_CASES = [
 ]
 
 
+@with_each_cache
 @pytest.mark.parametrize("with_eos", [False, True], ids=["no-eos", "eos"])
 @pytest.mark.parametrize("options", DECODING_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-def test_greedy_and_beam_search_equal_transformers(models, padded_batch, options, with_eos):
+def test_greedy_and_beam_search_equal_transformers(models, padded_batch, options, with_eos, cache):
     model, llama = models
     input_ids, attention_mask = padded_batch
     options = dict(options)
     if with_eos:
         options["eos_token_id"] = a_likely_eos(model, input_ids, attention_mask)
-    ours = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, pad_token_id=PAD, **options)
+    ours = model.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, pad_token_id=PAD, **options, **CACHES[cache]
+    )
     theirs = hf_generate(llama, input_ids, attention_mask, max_new_tokens=NEW_TOKENS, do_sample=False, **options)
     assert ours.shape == theirs.shape
     assert torch.equal(ours, theirs)
@@ -117,14 +138,16 @@ def test_greedy_and_beam_search_equal_transformers(models, padded_batch, options
     ],
     ids=["early-true", "never-lp2", "false-lp-1", "lp0"],
 )
-def test_beam_search_stopping_rules_equal_transformers(padded_batch, options):
+@with_each_cache
+def test_beam_search_stopping_rules_equal_transformers(padded_batch, options, cache):
     for seed in range(3):  # several models: the rules differ only when hypotheses end at different lengths
         model = peaked_model(seed)
         llama = to_hf(model)
         input_ids, attention_mask = padded_batch
         eos = a_likely_eos(model, input_ids, attention_mask)
         ours = model.generate(
-            input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=PAD, **options
+            input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=PAD,
+            **options, **CACHES[cache],
         )
         theirs = hf_generate(llama, input_ids, attention_mask, max_new_tokens=NEW_TOKENS, eos_token_id=eos, **options)
         assert ours.shape == theirs.shape
@@ -147,11 +170,12 @@ def test_early_stopping_never_with_two_eos_tokens_equals_transformers(padded_bat
     assert not torch.equal(results["never"], results[False])
 
 
-def test_unpadded_batch_without_mask_equals_transformers(models):
+@with_each_cache
+def test_unpadded_batch_without_mask_equals_transformers(models, cache):
     model, llama = models
     input_ids = torch.randint(3, VOCAB, (2, 5))
     for num_beams in (1, 4):
-        ours = model.generate(input_ids, max_new_tokens=NEW_TOKENS, num_beams=num_beams)
+        ours = model.generate(input_ids, max_new_tokens=NEW_TOKENS, num_beams=num_beams, **CACHES[cache])
         theirs = llama.generate(input_ids, max_new_tokens=NEW_TOKENS, num_beams=num_beams, do_sample=False)
         assert torch.equal(ours, theirs)
 
@@ -167,7 +191,8 @@ def test_unpadded_batch_without_mask_equals_transformers(models):
     ],
     ids=["plain", "t-k-p", "k-rep-nrs2", "beam-sample", "beam-sample-k1"],
 )
-def test_seeded_sampling_is_reproducible_and_equals_transformers(padded_batch, options):
+@with_each_cache
+def test_seeded_sampling_is_reproducible_and_equals_transformers(padded_batch, options, cache):
     input_ids, attention_mask = padded_batch
     # flatter distributions than the other tests', so that sampling really has choices to make
     model = peaked_model(seed=3)
@@ -177,11 +202,14 @@ def test_seeded_sampling_is_reproducible_and_equals_transformers(padded_batch, o
                 param.div_(3)
     llama = to_hf(model)
 
-    def sample(generate):
+    def sample(generate, **cache_options):
         torch.manual_seed(7)
-        return generate(input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, do_sample=True, pad_token_id=PAD, **options)
+        return generate(
+            input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, do_sample=True, pad_token_id=PAD,
+            **options, **cache_options,
+        )
 
-    first, second = sample(model.generate), sample(model.generate)
+    first, second = sample(model.generate, **CACHES[cache]), sample(model.generate, **CACHES[cache])
     assert torch.equal(first, second)
     assert torch.equal(first, sample(llama.generate))
 
@@ -204,23 +232,120 @@ def test_cached_decoding_equals_uncached(models, padded_batch, options):
     model, _ = models
     input_ids, attention_mask = padded_batch
     eos = a_likely_eos(model, input_ids, attention_mask)
+    caches = [
+        dict(use_cache=False),
+        dict(use_cache=True),
+        dict(cache_implementation="static", disable_compile=True),  # the debugging path: no torch.compile
+        CACHES["static"],
+    ]
     results = []
-    for use_cache in (True, False):
+    for cache_options in caches:
         torch.manual_seed(3)
         results.append(
             model.generate(
                 input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, eos_token_id=eos,
-                use_cache=use_cache, **options,
+                **options, **cache_options,
             )
         )
-    assert torch.equal(results[0], results[1])
+    for result in results[1:]:
+        assert torch.equal(result, results[0])
 
 
-@pytest.mark.parametrize("num_beams", [1, 3])
-def test_left_padded_batch_equals_each_prompt_alone(models, padded_batch, num_beams):
+# ---- the static cache and the compiled decode step ---------------------------------------------
+
+
+def test_static_cache_forward_equals_growing_cache(models, padded_batch):
+    """PicoGPT.forward over a StaticKVCache, prompt then one token at a time, against the growing cache."""
     model, _ = models
     input_ids, attention_mask = padded_batch
-    batched = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, num_beams=num_beams)
+    batch, prompt_len = input_ids.shape
+    steps = 4
+    tokens = torch.randint(3, VOCAB, (batch, steps))
+    max_length = prompt_len + steps + 2  # room left over: unwritten positions must stay invisible
+    cache = StaticKVCache(model.config, batch, max_length)
+    full_mask = torch.zeros(batch, max_length, dtype=torch.long)
+    full_mask[:, :prompt_len] = attention_mask
+    with torch.no_grad():
+        growing = model(input_ids, attention_mask=attention_mask, use_cache=True)
+        static = model(input_ids, attention_mask=full_mask, past_key_values=cache, cache_position=torch.arange(prompt_len))
+        torch.testing.assert_close(static.logits, growing.logits)
+        mask = attention_mask
+        for step in range(steps):
+            position = prompt_len + step
+            mask = torch.cat((mask, torch.ones(batch, 1, dtype=torch.long)), dim=1)
+            full_mask[:, position] = 1
+            growing = model(
+                tokens[:, step : step + 1], attention_mask=mask, past_key_values=growing.past_key_values, use_cache=True
+            )
+            static = model(
+                tokens[:, step : step + 1], attention_mask=full_mask, past_key_values=cache,
+                cache_position=torch.tensor([position]),
+            )
+            torch.testing.assert_close(static.logits, growing.logits)
+    assert static.past_key_values is cache
+    for (keys, values), layer in zip(growing.past_key_values, cache.layers):  # written in place, where expected
+        torch.testing.assert_close(layer.keys[:, :, : prompt_len + steps], keys)
+        torch.testing.assert_close(layer.values[:, :, : prompt_len + steps], values)
+        assert not layer.keys[:, :, prompt_len + steps :].any()
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "left-padded"])
+def test_decode_step_compiles_once_with_fullgraph_and_never_again(models, padded_batch, padded):
+    """One graph (fullgraph=True: a graph break would raise) for all decode steps of a shape:
+    no recompilation from one token to the next, nor when generating again with the same shapes."""
+    model, _ = models
+    input_ids, attention_mask = padded_batch
+    if not padded:
+        attention_mask = None
+    counter = CompileCounter()
+    options = dict(max_new_tokens=NEW_TOKENS, cache_implementation="static", compile_config=CompileConfig(backend=counter, mode=None))
+    expected = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS)
+    first = model.generate(input_ids, attention_mask=attention_mask, **options)
+    assert counter.frame_count == 1  # NEW_TOKENS - 1 decode steps, one compilation
+    second = model.generate(input_ids, attention_mask=attention_mask, **options)
+    assert counter.frame_count == 1
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    # a new shape (a longer max length) is a new graph, compiled once too
+    model.generate(input_ids, attention_mask=attention_mask, **{**options, "max_new_tokens": NEW_TOKENS + 4})
+    assert counter.frame_count == 2
+
+
+def test_decode_step_settings_follow_the_device_and_generation_config():
+    """CUDA replays the step as a CUDA graph (reduce-overhead); CPU compiles with inductor's
+    default mode; disable_compile runs eagerly; a CompileConfig overrides backend and mode."""
+    def settings(device, **options):
+        step = decode_step_for(resolve_generation_config(cache_implementation="static", **options), torch.device(device))
+        return step if step is next_token_logits else (step.backend, step.mode)
+
+    assert settings("cuda") == ("inductor", "reduce-overhead")
+    assert settings("cpu") == ("inductor", None)
+    assert settings("cuda", disable_compile=True) is next_token_logits
+    assert settings("cpu", compile_config=CompileConfig(backend="eager", mode=None)) == ("eager", None)
+
+
+def test_inductor_compiled_static_cache_equals_growing_cache(models, padded_batch):
+    """The default compiled path (inductor) end to end: greedy and seeded sampling on a left-padded
+    batch (one shape, so one compilation: a cold inductor build costs seconds on CPU)."""
+    model, _ = models
+    input_ids, attention_mask = padded_batch
+    for options in (dict(), dict(do_sample=True, top_k=10)):
+        results = []
+        for cache_options in (dict(), dict(cache_implementation="static")):
+            torch.manual_seed(5)
+            results.append(
+                model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, **options, **cache_options)
+            )
+        assert torch.equal(results[0], results[1])
+
+
+@with_each_cache
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_left_padded_batch_equals_each_prompt_alone(models, padded_batch, num_beams, cache):
+    model, _ = models
+    input_ids, attention_mask = padded_batch
+    batched = model.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, num_beams=num_beams, **CACHES[cache]
+    )
     for row in range(input_ids.shape[0]):
         prompt = input_ids[row][attention_mask[row].bool()][None]
         alone = model.generate(prompt, max_new_tokens=NEW_TOKENS, num_beams=num_beams)
@@ -373,6 +498,8 @@ def test_temperature_divides_logits_before_sampling():
         (dict(eos_token_id=VOCAB), "eos_token_id"),
         (dict(num_beams=2, streamer=object()), "streamer"),
         (dict(attention_mask=torch.ones(1, 3)), "attention_mask"),
+        (dict(cache_implementation="offloaded"), "cache_implementation"),
+        (dict(cache_implementation="static", use_cache=False), "use_cache"),
     ],
 )
 def test_bad_arguments_raise_one_line_errors(models, options, fragment):

@@ -20,9 +20,15 @@ it, as in transformers, and fields it leaves unset take this project's `DEFAULTS
 are processed by transformers' own processors. Beam search keeps the beams as a batch
 dimension: every step scores all beams of all prompts in one forward pass and reorders
 the cache with one index_select. Nothing here imports Lightning.
+
+Two KV caches: the growing one (the default: each step concatenates its keys and values)
+and, with `cache_implementation="static"`, a preallocated `StaticKVCache` whose decode step
+has the same shapes every token, so it is compiled once per (batch, max length) with
+`torch.compile(fullgraph=True)` (`disable_compile=True` runs it eagerly).
 """
 
 import copy
+import functools
 from typing import List, Optional
 
 import torch
@@ -37,6 +43,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from picogpt_lightning.model.cache import StaticKVCache
+
 # transformers' "impossible" beam score: finite, so sums and orderings stay well defined
 IMPOSSIBLE = -1.0e9
 
@@ -44,7 +52,10 @@ IMPOSSIBLE = -1.0e9
 DEFAULTS = dict(
     max_new_tokens=32, do_sample=False, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
     num_beams=1, num_return_sequences=1, length_penalty=1.0, early_stopping=False, use_cache=True,
+    disable_compile=False,
 )
+# cache_implementation: None (or "dynamic") is the growing cache, "static" the preallocated one
+CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
 
 
 def generate(
@@ -74,7 +85,11 @@ def generate(
     num_beams, num_return_sequences = config.num_beams, config.num_return_sequences
     # beam sampling keeps room for a non-eos continuation, as transformers does
     processors = logits_processors(config, min_tokens_to_keep=1 + max(1, len(eos)) if num_beams > 1 else 1)
-    scorer = NextTokenScorer(model, config.use_cache)
+    if config.cache_implementation == "static":
+        max_length = input_ids.shape[1] + config.max_new_tokens
+        scorer = StaticCacheScorer(model, max_length, decode_step_for(config, input_ids.device))
+    else:
+        scorer = NextTokenScorer(model, config.use_cache)
     common = dict(
         scorer=scorer, processors=processors, max_new_tokens=config.max_new_tokens, eos=eos,
         pad_token_id=pad_token_id, do_sample=config.do_sample,
@@ -166,6 +181,13 @@ def validate_inputs(model_config, config: GenerationConfig, input_ids, attention
         for token in tokens:
             if not 0 <= token < model_config.vocab_size:
                 raise ValueError(f"{name} {token} is outside the vocabulary [0, {model_config.vocab_size})")
+    if config.cache_implementation not in CACHE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"cache_implementation must be None or 'dynamic' (the growing cache) or 'static', "
+            f"got {config.cache_implementation!r}"
+        )
+    if config.cache_implementation == "static" and not config.use_cache:
+        raise ValueError("cache_implementation='static' is a KV cache: it needs use_cache=True")
     if streamer is not None and config.num_beams > 1:
         raise ValueError("a streamer shows one token per step and cannot follow beam search; use num_beams=1")
     try:
@@ -248,6 +270,107 @@ class NextTokenScorer:
         """Keeps cache row rows[i] as row i (beam search following its surviving beams)."""
         if self.cache:
             self.cache = tuple((keys[rows], values[rows]) for keys, values in self.cache)
+
+
+def next_token_logits(model, input_ids, cache_position, attention_mask, cache: StaticKVCache) -> torch.Tensor:
+    """One forward pass over the static cache: the float logits of each row's last token."""
+    output = model(input_ids, attention_mask=attention_mask, past_key_values=cache, cache_position=cache_position)
+    return output.logits[:, -1].float()
+
+
+def decode_step_for(config: GenerationConfig, device: torch.device):
+    """`next_token_logits` compiled (or not, with disable_compile=True) as the config asks.
+
+    By default with inductor, and on CUDA with mode="reduce-overhead" so that a step
+    replays as one CUDA graph; a transformers `CompileConfig` in `compile_config` picks
+    the backend, mode and options. fullgraph=True always: the step has no graph break.
+    """
+    if config.disable_compile:
+        return next_token_logits
+    compile_config = config.compile_config
+    if compile_config is None:
+        backend, mode, options = "inductor", ("reduce-overhead" if device.type == "cuda" else None), None
+    else:
+        backend, mode, options = compile_config.backend, compile_config.mode, compile_config.options
+    return CompiledDecodeSteps(backend, mode, options)
+
+
+class CompiledDecodeSteps:
+    """One compiled `next_token_logits` per (batch, max_length), each with its own dynamo cache.
+
+    dynamo keeps one list of compiled graphs per function and, with fullgraph=True, fails
+    once that list holds recompile_limit (8) graphs; generating with many prompt lengths
+    must not, so each shape gets its own region (torch.compile's isolate_recompiles).
+    """
+
+    def __init__(self, backend, mode, options):
+        self.backend, self.mode, self.options = backend, mode, options
+        self.cuda_graphs = mode == "reduce-overhead"
+
+    def __call__(self, model, input_ids, cache_position, attention_mask, cache: StaticKVCache) -> torch.Tensor:
+        options = tuple(sorted((self.options or {}).items()))  # hashable, for compiled_step's cache
+        step = compiled_step(cache.batch_size, cache.max_length, self.backend, self.mode, options)
+        if self.cuda_graphs:
+            # a new step: the previous replay's outputs may be overwritten; keep this step's logits
+            torch.compiler.cudagraph_mark_step_begin()
+            return step(model, input_ids, cache_position, attention_mask, cache).clone()
+        return step(model, input_ids, cache_position, attention_mask, cache)
+
+
+@functools.lru_cache(maxsize=64)
+def compiled_step(batch: int, max_length: int, backend, mode, options: tuple):
+    return torch.compile(
+        next_token_logits, fullgraph=True, dynamic=False, backend=backend, mode=mode,
+        options=dict(options) or None, isolate_recompiles=True,
+    )
+
+
+class StaticCacheScorer:
+    """Next-token logits over a StaticKVCache: the prompt in one eager pass (its length varies
+    from call to call), then one `decode_step` per token, with the same shapes every step.
+
+    Called as NextTokenScorer is, with the sequences so far and their (growing) mask; the
+    mask is copied into a (batch, max_length) buffer whose unwritten positions stay 0.
+    """
+
+    use_cache = True
+
+    def __init__(self, model, max_length: int, decode_step):
+        self.model, self.max_length, self.decode_step = model, max_length, decode_step
+        self.cache: Optional[StaticKVCache] = None
+        self.mask: Optional[torch.Tensor] = None
+        self.length = 0
+
+    def __call__(self, sequences: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        batch, length = sequences.shape
+        device = sequences.device
+        if self.cache is None:
+            weight = self.model.lm_head.weight
+            self.cache = StaticKVCache(self.model.config, batch, self.max_length, device, weight.dtype)
+            step, tokens, positions = next_token_logits, sequences, torch.arange(length, device=device)
+        else:
+            assert length == self.length + 1, "a static cache decodes one token per call after the prompt"
+            step, tokens, positions = self.decode_step, self.last_tokens(sequences), torch.tensor([length - 1], device=device)
+        self.length = length
+        return step(self.model, tokens, positions, self.full_mask(attention_mask, batch, length), self.cache)
+
+    @staticmethod
+    def last_tokens(sequences: torch.Tensor) -> torch.Tensor:
+        # a fresh (batch, 1) tensor: a slice would carry the sequences' row stride, which
+        # grows every step and which dynamo guards on (a recompilation per token)
+        return sequences[:, -1:].clone(memory_format=torch.contiguous_format)
+
+    def full_mask(self, attention_mask: Optional[torch.Tensor], batch: int, length: int) -> Optional[torch.Tensor]:
+        if attention_mask is None:
+            return None
+        if self.mask is None or self.mask.shape[0] != batch:
+            self.mask = attention_mask.new_zeros(batch, self.max_length)
+        self.mask[:, :length] = attention_mask
+        return self.mask
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keeps cache row rows[i] as row i (beam search following its surviving beams)."""
+        self.cache.select_rows(rows)
 
 
 def extend_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

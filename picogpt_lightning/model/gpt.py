@@ -2,12 +2,13 @@
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from picogpt_lightning.model import generation
+from picogpt_lightning.model.cache import StaticKVCache, static_attention_mask, static_position_ids
 from picogpt_lightning.model.config import PicoGPTConfig
 from picogpt_lightning.model.layers import Block, KVCache, RotaryEmbedding, build_attention_mask, make_dropout
 
@@ -56,11 +57,52 @@ class PicoGPT(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
-        past_key_values: Optional[Tuple[KVCache, ...]] = None,
+        past_key_values: Optional[Union[Tuple[KVCache, ...], StaticKVCache]] = None,
         use_cache: bool = False,
         output_hidden_states: bool = False,
+        cache_position: Optional[torch.Tensor] = None,
     ) -> PicoGPTOutput:
+        """`past_key_values`: the growing cache (a tuple per layer, returned extended when
+        use_cache=True), or a `StaticKVCache` written in place at `cache_position` (T,) with
+        an attention_mask of (B, cache.max_length) or none, as transformers' StaticCache is used."""
         B, T = input_ids.shape
+        static = isinstance(past_key_values, StaticKVCache)
+        if static:
+            mask, default_positions = self._static_mask_and_positions(attention_mask, past_key_values, cache_position, B, T)
+        else:
+            mask, default_positions = self._growing_mask_and_positions(attention_mask, past_key_values, B, T, input_ids.device)
+        if position_ids is None:
+            position_ids = default_positions
+
+        x = self.tok_embeddings(input_ids)
+        if self.training and self.config.neftune_noise_alpha > 0:
+            x = self._neftune(x, attention_mask)
+        x = self.embed_dropout(x)
+
+        cos, sin = self.rotary(position_ids, dtype=x.dtype)
+        hidden_states: List[torch.Tensor] = [x] if output_hidden_states else []
+        presents = []
+        for i, block in enumerate(self.blocks):
+            past = past_key_values[i] if past_key_values else None
+            x, present = block(x, cos, sin, mask, past, use_cache, cache_position)
+            presents.append(present)
+            if output_hidden_states and i < len(self.blocks) - 1:
+                hidden_states.append(x)
+        x = self.norm(x)
+        if output_hidden_states:
+            # as transformers: the last entry is the final block's output after the final norm
+            hidden_states.append(x)
+        if static:
+            cache = past_key_values  # written in place
+        else:
+            cache = tuple(presents) if use_cache else None
+        return PicoGPTOutput(
+            logits=self.lm_head(x),
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            past_key_values=cache,
+        )
+
+    def _growing_mask_and_positions(self, attention_mask, past_key_values, B, T, device):
         past_len = past_key_values[0][0].shape[2] if past_key_values else 0
         if past_len + T > self.config.block_size:
             raise ValueError(
@@ -72,33 +114,22 @@ class PicoGPT(nn.Module):
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past_len + T)} "
                 "(batch, cached + new tokens)"
             )
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, B, T, past_len, input_ids.device)
+        mask = build_attention_mask(attention_mask, T, past_len, device)
+        return mask, positions_from_mask(attention_mask, B, T, past_len, device)
 
-        x = self.tok_embeddings(input_ids)
-        if self.training and self.config.neftune_noise_alpha > 0:
-            x = self._neftune(x, attention_mask)
-        x = self.embed_dropout(x)
-
-        cos, sin = self.rotary(position_ids, dtype=x.dtype)
-        mask = build_attention_mask(attention_mask, T, past_len, input_ids.device)
-        hidden_states: List[torch.Tensor] = [x] if output_hidden_states else []
-        presents = []
-        for i, block in enumerate(self.blocks):
-            past = past_key_values[i] if past_key_values else None
-            x, present = block(x, cos, sin, mask, past, use_cache)
-            presents.append(present)
-            if output_hidden_states and i < len(self.blocks) - 1:
-                hidden_states.append(x)
-        x = self.norm(x)
-        if output_hidden_states:
-            # as transformers: the last entry is the final block's output after the final norm
-            hidden_states.append(x)
-        return PicoGPTOutput(
-            logits=self.lm_head(x),
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-            past_key_values=tuple(presents) if use_cache else None,
-        )
+    def _static_mask_and_positions(self, attention_mask, cache: StaticKVCache, cache_position, B, T):
+        # shapes only, no tensor values read on the host: a decode step compiles to one graph
+        if cache_position is None or cache_position.shape != (T,):
+            raise ValueError(f"a StaticKVCache needs cache_position, a tensor of the {T} positions the new tokens take")
+        if cache.batch_size != B:
+            raise ValueError(f"the StaticKVCache holds {cache.batch_size} rows but input_ids has {B}")
+        if attention_mask is not None and attention_mask.shape != (B, cache.max_length):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, cache.max_length)} "
+                "(batch, the static cache's max_length)"
+            )
+        mask = static_attention_mask(attention_mask, cache_position, cache.max_length)
+        return mask, static_position_ids(attention_mask, cache_position, B)
 
     @torch.no_grad()
     def generate(
@@ -114,7 +145,8 @@ class PicoGPT(nn.Module):
         `generation_config` is a `transformers.GenerationConfig`; keyword arguments
         (max_new_tokens=32, do_sample=False, temperature=1.0, top_k=None, top_p=None,
         repetition_penalty=1.0, num_beams=1, num_return_sequences=1, length_penalty=1.0,
-        early_stopping=False, eos_token_id=None, pad_token_id=None, use_cache=True) update a
+        early_stopping=False, eos_token_id=None, pad_token_id=None, use_cache=True,
+        cache_implementation=None (growing cache) or "static", disable_compile=False) update a
         copy of it. Returns (batch * num_return_sequences, prompt + generated) token ids; see
         `picogpt_lightning.model.generation` for the rules.
         """

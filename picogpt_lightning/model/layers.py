@@ -1,11 +1,12 @@
 """The pieces of a llama-like block: rotary embeddings, grouped-query attention, MLPs."""
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from picogpt_lightning.model.cache import StaticLayerCache
 from picogpt_lightning.model.config import PicoGPTConfig
 from picogpt_lightning.quant.bitnet import BitLinear
 
@@ -89,7 +90,11 @@ def build_attention_mask(
 
 
 class CausalSelfAttention(nn.Module):
-    """Grouped-query attention through SDPA, with rotary embeddings and an optional KV cache."""
+    """Grouped-query attention through SDPA, with rotary embeddings and an optional KV cache.
+
+    The cache is either the growing kind, a (keys, values) tuple that this call extends and
+    returns, or a layer of a `StaticKVCache`, written in place at `cache_position`.
+    """
 
     def __init__(self, config: PicoGPTConfig):
         super().__init__()
@@ -109,8 +114,9 @@ class CausalSelfAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: Optional[torch.Tensor],
-        past_key_value: Optional[KVCache] = None,
+        past_key_value: Optional[Union[KVCache, StaticLayerCache]] = None,
         use_cache: bool = False,
+        cache_position: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[KVCache]]:
         B, T, _ = x.shape
         H, G = self.n_head, self.n_query_groups
@@ -119,10 +125,14 @@ class CausalSelfAttention(nn.Module):
         rotated = apply_rotary(heads[:, : H + G], cos, sin)  # queries and keys in one pass
         q, k, v = rotated[:, :H], rotated[:, H:], heads[:, H + G :]
 
-        if past_key_value is not None:
-            k = torch.cat((past_key_value[0], k), dim=2)
-            v = torch.cat((past_key_value[1], v), dim=2)
-        present = (k, v) if use_cache else None
+        if isinstance(past_key_value, StaticLayerCache):
+            k, v = past_key_value.update(k, v, cache_position)  # the whole buffers; the mask hides unwritten ones
+            present = None  # the static cache holds them already
+        else:
+            if past_key_value is not None:
+                k = torch.cat((past_key_value[0], k), dim=2)
+                v = torch.cat((past_key_value[1], v), dim=2)
+            present = (k, v) if use_cache else None
 
         # without a mask, queries of a cached step see every past key: causal only matters without a cache
         is_causal = mask is None and past_key_value is None and T > 1
@@ -175,8 +185,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
 
-    def forward(self, x, cos, sin, mask, past_key_value=None, use_cache=False):
-        attn_out, present = self.attn(self.attn_norm(x), cos, sin, mask, past_key_value, use_cache)
+    def forward(self, x, cos, sin, mask, past_key_value=None, use_cache=False, cache_position=None):
+        attn_out, present = self.attn(self.attn_norm(x), cos, sin, mask, past_key_value, use_cache, cache_position)
         x = x + attn_out
         x = x + self.mlp(self.mlp_norm(x))
         return x, present
