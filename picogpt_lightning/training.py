@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import List, Optional
 from unittest.mock import patch
 
-# raised inside Lightning's own tree utilities on recent torch: nothing a user can act on
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 PROG = "python -m picogpt_lightning"
 

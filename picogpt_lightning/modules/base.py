@@ -29,8 +29,10 @@ from picogpt_lightning.model import PicoGPTConfig
 
 SCHEDULE_LENGTH_KEY = "picogpt_schedule_length"  # the run's learning-rate schedule length, kept on resume
 
-# a frozen teacher or reference model is in eval mode on purpose; Lightning warns about any at fit start
+# Warnings no user can act on: a frozen teacher or reference model is in eval mode on purpose
+# (Lightning warns about any at fit start), and recent torch deprecates a check inside Lightning.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
