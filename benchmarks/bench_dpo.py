@@ -61,7 +61,7 @@ def lm_loss(model: PicoGPT, loader) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--init_from", default="/work/artifacts/runs/pretrain_cpu/version_0/checkpoints/last.ckpt")
+    parser.add_argument("--init_from", default="runs/pretrain_cpu/version_0/checkpoints/last.ckpt")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--beta", type=float, default=0.1)
     args = parser.parse_args()

@@ -32,7 +32,7 @@ from picogpt_lightning.pipeline import val_loss
 from picogpt_lightning.quant import NF4Linear, PackedBitLinear
 from picogpt_lightning.quant.packed_file import quantize_checkpoint
 
-FP32_CKPT = "/work/artifacts/runs/pretrain_cpu/version_0/checkpoints/last.ckpt"
+FP32_CKPT = "runs/pretrain_cpu/version_0/checkpoints/last.ckpt"  # from configs/pretrain_cpu.yaml
 PROMPT_TOKENS = 8
 
 
