@@ -37,9 +37,9 @@ def preference_scores(policy: PicoGPT, reference: PicoGPT, loader, beta: float) 
     """Means over the held-out pairs of the implicit rewards, their accuracy, and the policy's own preference."""
     rewards, own = [], []
     for batch in loader:
-        chosen, rejected = sequence_log_probs(policy(batch["input_ids"], batch["attention_mask"]).logits, batch["labels"]).chunk(2)
+        chosen, rejected = sequence_log_probs(policy(batch["input_ids"], batch.get("attention_mask")).logits, batch["labels"]).chunk(2)
         ref_chosen, ref_rejected = sequence_log_probs(
-            reference(batch["input_ids"], batch["attention_mask"]).logits, batch["labels"]
+            reference(batch["input_ids"], batch.get("attention_mask")).logits, batch["labels"]
         ).chunk(2)
         _, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta)
         rewards.append(torch.stack([chosen_rewards, rejected_rewards], dim=-1))
