@@ -13,6 +13,7 @@ from picogpt_lightning.data import Tokenizer
 from picogpt_lightning.data.preference import PromptCompletionCollator
 from picogpt_lightning.losses import dpo_loss, sequence_log_probs
 from picogpt_lightning.modules import DPOModule
+from test_preference_data import tiny_char_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 20
@@ -197,15 +198,7 @@ def test_a_reference_of_another_vocabulary_is_a_clear_error(tmp_path):
 @pytest.fixture
 def char_checkpoint(tmp_path, corpus_path) -> str:
     """A tiny untrained model saved with the corpus's char tokenizer, as a pretraining run leaves one."""
-    from picogpt_lightning import checkpoints
-    from picogpt_lightning.data import build_tokenizer
-
-    tokenizer = build_tokenizer("char", text=corpus_path.read_text())
-    torch.manual_seed(0)
-    model = PicoGPT(PicoGPTConfig(vocab_size=tokenizer.vocab_size, block_size=24, n_layer=1, n_embd=16, n_head=2))
-    path = str(tmp_path / "pretrained.pt")
-    checkpoints.save(path, model, tokenizer=tokenizer)
-    return path
+    return tiny_char_checkpoint(tmp_path, corpus_path)
 
 
 def dpo_cli_args(tmp_path, corpus_path, init_from, *extra) -> list:

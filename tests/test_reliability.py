@@ -19,6 +19,7 @@ from picogpt_lightning.callbacks import LastCheckpoint, RandomStateCheckpoint
 from picogpt_lightning.data import TinyShakespeareDataModule
 from picogpt_lightning.modules import LanguageModelModule
 from picogpt_lightning.modules.base import warmup_cosine
+from test_checkpoints import Planted  # a pickle that touches a file when it is unpickled
 from tiny_training import BLOCK_SIZE, LossRecorder, quiet_trainer, seed_everything, step_losses, tiny_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -203,14 +204,6 @@ def test_runs_started_at_once_get_their_own_version_directories(corpus_path, tmp
 
 
 # ---- loading: planted pickles, architecture and tokenizer mismatches -------------------------------
-
-
-class Planted:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.path),))
 
 
 def test_planted_pickle_is_refused_and_nothing_runs(tmp_path):
