@@ -11,7 +11,7 @@ from picogpt_lightning import PicoGPT, PicoGPTConfig, checkpoints
 from picogpt_lightning.cli import main as cli_main
 from picogpt_lightning.data import InstructionDataModule, PreferenceDataModule, build_tokenizer
 from picogpt_lightning.data.preference import shakespeare_pairs, truncate
-from picogpt_lightning.data.shakespeare import split_point
+from picogpt_lightning.data.shakespeare import speech_spans, split_point
 from picogpt_lightning.modules import LanguageModelModule
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -106,6 +106,53 @@ def test_shakespeare_pairs_keep_validation_text_apart(corpus_path):
             if split == "val":  # rejected text comes from the validation part too
                 assert text.find(pair["rejected"], cut) >= 0
         assert sum(pair["chosen"] != pair["rejected"] for pair in pairs) == len(pairs)
+
+
+def test_several_rejected_per_prompt_come_from_different_speeches_alike_in_length(corpus_path):
+    text, k = corpus_path.read_text(), 3
+    cut = split_point(text, 0.1)
+    for split in ("train", "val"):
+        # the speeches a pair can come from, ranked by length as the builder ranks them
+        speeches = [(a, b) for a, b in speech_spans(text) if (a < cut) == (split == "train") and b - a >= 64]
+        rank = {start: i for i, (start, _) in enumerate(sorted(speeches, key=lambda s: (s[1] - s[0], s[0])))}
+        stretch_of = {}  # rejected text -> the speeches whose characters 32..64 it is
+        for start, _ in speeches:
+            stretch_of.setdefault(text[start + 32 : start + 64], []).append(start)
+
+        pairs = shakespeare_pairs(text, split, prompt_chars=32, completion_chars=32, rejected_per_prompt=k)
+        single = shakespeare_pairs(text, split, prompt_chars=32, completion_chars=32)
+        assert len(pairs) == k * len(speeches) == k * len(single)
+        groups = {}
+        for pair in pairs:
+            groups.setdefault((pair["prompt"], pair["chosen"]), []).append(pair["rejected"])
+        assert len(groups) == len(speeches)
+        for pair in single:  # the one rejected of the default is among the k
+            assert pair["rejected"] in groups[(pair["prompt"], pair["chosen"])]
+        for (prompt, chosen), rejected in groups.items():
+            own = text.find(prompt + chosen)
+            assert own in rank and len(rejected) == k
+            # k different speeches of the same split, never the prompt's own
+            sources = [min(stretch_of[r], key=lambda start: abs(rank[start] - rank[own])) for r in rejected]
+            assert len(set(sources)) == k and own not in sources
+            # the k nearest in length order: no farther than the k-th nearest rank can be
+            distances = sorted(abs(rank[s] - rank[own]) for s in sources)
+            possible = sorted(abs(r - rank[own]) for r in range(len(speeches)) if r != rank[own])
+            assert distances[-1] <= possible[k - 1]
+
+
+def test_rejected_per_prompt_leaves_the_held_out_pairs_as_they_are(tmp_path, corpus_path):
+    datasets = {}
+    for k in (1, 3):
+        data = PreferenceDataModule(tokenizer="char", corpus_path=str(corpus_path), max_length=65, prompt_chars=56,
+                                    completion_chars=8, rejected_per_prompt=k, cache_dir=str(tmp_path / "hf"))
+        data.setup("fit")
+        datasets[k] = data
+    assert len(datasets[3].train_dataset) == 3 * len(datasets[1].train_dataset)
+    assert datasets[3].val_dataset.to_list() != [] and [
+        {key: row[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")} for row in datasets[3].val_dataset
+    ] == [{key: row[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")} for row in datasets[1].val_dataset]
+    with pytest.raises(ValueError, match="rejected_per_prompt must be a positive int"):
+        PreferenceDataModule(tokenizer="char", rejected_per_prompt=0)
 
 
 # ---- supervised fine-tuning -------------------------------------------------------------------

@@ -28,7 +28,8 @@ INDEX_COLUMN = "index"  # each example's position across splits: DPO looks up pr
 
 
 def shakespeare_pairs(
-    text: str, split: str, val_fraction: float = 0.1, prompt_chars: int = 32, completion_chars: int = 32, seed: int = 0
+    text: str, split: str, val_fraction: float = 0.1, prompt_chars: int = 32, completion_chars: int = 32, seed: int = 0,
+    rejected_per_prompt: int = 1,
 ) -> list[dict]:
     """Preference pairs from the speeches of one split of the corpus, deterministic given `seed`.
 
@@ -37,30 +38,46 @@ def shakespeare_pairs(
     length: plausible Shakespeare that does not continue this prompt. A speech belongs to the
     split its first character is in, as in TinyShakespeareDataModule's speeches mode, and a
     rejected continuation comes from the same split, so validation pairs never see training text.
+    `rejected_per_prompt` > 1 pairs each prompt with that many rejected continuations, from the
+    speeches nearest to it in length (one pair each): more, more varied pairs from the same speeches.
     """
     cut = split_point(text, val_fraction)
     need = prompt_chars + completion_chars
     spans = [(a, b) for a, b in speech_spans(text) if (a < cut) == (split == "train") and b - a >= need]
-    if len(spans) < 2:
+    if len(spans) < rejected_per_prompt + 1:
         raise ValueError(
-            f"the {split} split has {len(spans)} speech(es) of >= {need} characters, a pair needs 2; "
-            "lower prompt_chars/completion_chars or use a longer corpus"
+            f"the {split} split has {len(spans)} speech(es) of >= {need} characters, {rejected_per_prompt} rejected "
+            f"per prompt need {rejected_per_prompt + 1}; lower prompt_chars/completion_chars/rejected_per_prompt "
+            "or use a longer corpus"
         )
     by_length = sorted(spans, key=lambda span: (span[1] - span[0], span[0]))
     rng = random.Random(seed)
     pairs = []  # (start, pair), to return the pairs in corpus order
     for rank, (start, _) in enumerate(by_length):
-        # a neighbour in length order, either side, so the two speeches are alike in length
-        other = rank + rng.choice((-1, 1)) if 0 < rank < len(by_length) - 1 else (1 if rank == 0 else rank - 1)
-        other_start = by_length[other][0]
         middle = start + prompt_chars
-        pair = {
-            "prompt": text[start:middle],
-            "chosen": text[middle : start + need],
-            "rejected": text[other_start + prompt_chars : other_start + need],
-        }
-        pairs.append((start, pair))
+        for other in nearest_ranks(rank, len(by_length), rejected_per_prompt, rng):
+            other_start = by_length[other][0]
+            pair = {
+                "prompt": text[start:middle],
+                "chosen": text[middle : start + need],
+                "rejected": text[other_start + prompt_chars : other_start + need],
+            }
+            pairs.append((start, pair))
     return [pair for _, pair in sorted(pairs, key=lambda item: item[0])]
+
+
+def nearest_ranks(rank: int, count: int, k: int, rng: random.Random) -> list[int]:
+    """The k ranks nearest to `rank` in 0..count-1 (itself excluded), nearer first; of two at the
+    same distance when only one is still needed, a random one. Neighbours in length order are
+    speeches alike in length."""
+    ranks, distance = [], 1
+    while len(ranks) < k:
+        sides = [other for other in (rank - distance, rank + distance) if 0 <= other < count]
+        if len(sides) > k - len(ranks):
+            sides = [rng.choice(sides)]
+        ranks += sides
+        distance += 1
+    return ranks
 
 
 def truncate(prompt: list[int], completions: Sequence[list[int]], max_length: int, max_prompt_length: int):
@@ -131,6 +148,8 @@ class PromptCompletionDataModule(L.LightningDataModule):
             None: half of max_length.
         corpus_path, prompt_chars, completion_chars: the tiny_shakespeare corpus and the size of
             the pairs derived from it when data_path is None.
+        rejected_per_prompt: rejected continuations per training prompt of the derived pairs (one
+            pair each, from different speeches); validation pairs keep one.
         cache_dir: where `datasets` keeps its Arrow files (None: its default, ~/.cache/huggingface).
     """
 
@@ -148,12 +167,14 @@ class PromptCompletionDataModule(L.LightningDataModule):
         corpus_path: str | None = None,
         prompt_chars: int = 32,
         completion_chars: int = 32,
+        rejected_per_prompt: int = 1,
         num_workers: int = 0,
         seed: int = 1337,
         cache_dir: str | None = None,
     ):
         super().__init__()
-        for name, value in [("batch_size", batch_size), ("prompt_chars", prompt_chars), ("completion_chars", completion_chars)]:
+        for name, value in [("batch_size", batch_size), ("prompt_chars", prompt_chars), ("completion_chars", completion_chars),
+                            ("rejected_per_prompt", rejected_per_prompt)]:
             _require_positive_int(name, value)
         for name, value in [("max_length", max_length), ("max_prompt_length", max_prompt_length)]:
             if value is not None:
@@ -245,9 +266,10 @@ class PromptCompletionDataModule(L.LightningDataModule):
         path = self.hparams.data_path
         if path is None:
             text, options = self._corpus(), self._pair_options()
+            # validation keeps one rejected per prompt: the held-out pairs do not depend on the training knob
             return tuple(
-                Dataset.from_list(self.from_pairs(shakespeare_pairs(text, split, **options)))
-                for split in ("train", "val")
+                Dataset.from_list(self.from_pairs(shakespeare_pairs(text, split, **options, rejected_per_prompt=k)))
+                for split, k in (("train", self.hparams.rejected_per_prompt), ("val", 1))
             )
         data = self._load(path)
         if self.hparams.val_data_path is not None:
@@ -350,7 +372,9 @@ class InstructionDataModule(PromptCompletionDataModule):
 
     @staticmethod
     def from_pairs(pairs: list[dict]) -> list[dict]:
-        return [{"prompt": pair["prompt"], "completion": pair["chosen"]} for pair in pairs]
+        # once per prompt, however many rejected continuations it was paired with
+        return list({(pair["prompt"], pair["chosen"]): {"prompt": pair["prompt"], "completion": pair["chosen"]}
+                     for pair in pairs}.values())
 
 
 def check_jsonl(path: str, columns: Sequence[str]) -> None:
