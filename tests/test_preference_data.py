@@ -140,19 +140,41 @@ def test_several_rejected_per_prompt_come_from_different_speeches_alike_in_lengt
             assert distances[-1] <= possible[k - 1]
 
 
-def test_rejected_per_prompt_leaves_the_held_out_pairs_as_they_are(tmp_path, corpus_path):
+def test_prompts_per_speech_cuts_each_opening_shorter_by_a_completion(corpus_path):
+    text, cuts = corpus_path.read_text(), 4
+    cut = split_point(text, 0.1)
+    starts = [a for a, b in speech_spans(text) if a >= cut and b - a >= 40]  # the validation speeches a pair uses
+    single = shakespeare_pairs(text, "val", prompt_chars=32, completion_chars=8)
+    pairs = shakespeare_pairs(text, "val", prompt_chars=32, completion_chars=8, prompts_per_speech=cuts)
+    assert len(pairs) == cuts * len(single) == cuts * len(starts)
+    for i, (default, own) in enumerate(zip(single, starts)):  # both in corpus order
+        group = sorted(pairs[i * cuts : (i + 1) * cuts], key=lambda pair: len(pair["prompt"]))
+        assert [len(pair["prompt"]) for pair in group] == [8, 16, 24, 32] and group[-1] == default
+        # each prompt is the speech's opening, chosen the next 8 characters
+        assert all(pair["prompt"] + pair["chosen"] == text[own : own + len(pair["prompt"]) + 8] for pair in group)
+        # every cut's rejected is the same stretch of one other validation speech
+        others = [o for o in starts if o != own and all(
+            pair["rejected"] == text[o + len(pair["prompt"]) : o + len(pair["prompt"]) + 8] for pair in group)]
+        assert others
+    with pytest.raises(ValueError, match="prompts_per_speech 5 would cut prompts to 0 characters"):
+        shakespeare_pairs(text, "val", prompt_chars=32, completion_chars=8, prompts_per_speech=5)
+
+
+def test_more_training_pairs_leave_the_held_out_pairs_as_they_are(tmp_path, corpus_path):
     datasets = {}
     for k in (1, 3):
         data = PreferenceDataModule(tokenizer="char", corpus_path=str(corpus_path), max_length=65, prompt_chars=56,
-                                    completion_chars=8, rejected_per_prompt=k, cache_dir=str(tmp_path / "hf"))
+                                    completion_chars=8, rejected_per_prompt=k, prompts_per_speech=k,
+                                    cache_dir=str(tmp_path / "hf"))
         data.setup("fit")
         datasets[k] = data
-    assert len(datasets[3].train_dataset) == 3 * len(datasets[1].train_dataset)
+    assert len(datasets[3].train_dataset) == 3 * 3 * len(datasets[1].train_dataset)
     assert datasets[3].val_dataset.to_list() != [] and [
         {key: row[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")} for row in datasets[3].val_dataset
     ] == [{key: row[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")} for row in datasets[1].val_dataset]
-    with pytest.raises(ValueError, match="rejected_per_prompt must be a positive int"):
-        PreferenceDataModule(tokenizer="char", rejected_per_prompt=0)
+    for knob in ("rejected_per_prompt", "prompts_per_speech"):
+        with pytest.raises(ValueError, match=f"{knob} must be a positive int"):
+            PreferenceDataModule(tokenizer="char", **{knob: 0})
 
 
 # ---- supervised fine-tuning -------------------------------------------------------------------

@@ -29,7 +29,7 @@ INDEX_COLUMN = "index"  # each example's position across splits: DPO looks up pr
 
 def shakespeare_pairs(
     text: str, split: str, val_fraction: float = 0.1, prompt_chars: int = 32, completion_chars: int = 32, seed: int = 0,
-    rejected_per_prompt: int = 1,
+    rejected_per_prompt: int = 1, prompts_per_speech: int = 1,
 ) -> list[dict]:
     """Preference pairs from the speeches of one split of the corpus, deterministic given `seed`.
 
@@ -40,7 +40,17 @@ def shakespeare_pairs(
     rejected continuation comes from the same split, so validation pairs never see training text.
     `rejected_per_prompt` > 1 pairs each prompt with that many rejected continuations, from the
     speeches nearest to it in length (one pair each): more, more varied pairs from the same speeches.
+    `prompts_per_speech` > 1 also cuts each speech's opening shorter, `completion_chars` at a time
+    (its first prompt_chars, prompt_chars - completion_chars, ... characters), each a prompt with
+    the next `completion_chars` as chosen and the same stretch of the rejected speeches.
     """
+    shortest = prompt_chars - (prompts_per_speech - 1) * completion_chars
+    if shortest < 1:
+        raise ValueError(
+            f"prompts_per_speech {prompts_per_speech} would cut prompts to {shortest} characters; each prompt is "
+            f"completion_chars ({completion_chars}) shorter than the last: need prompts_per_speech <= "
+            f"{(prompt_chars - 1) // completion_chars + 1}"
+        )
     cut = split_point(text, val_fraction)
     need = prompt_chars + completion_chars
     spans = [(a, b) for a, b in speech_spans(text) if (a < cut) == (split == "train") and b - a >= need]
@@ -54,15 +64,16 @@ def shakespeare_pairs(
     rng = random.Random(seed)
     pairs = []  # (start, pair), to return the pairs in corpus order
     for rank, (start, _) in enumerate(by_length):
-        middle = start + prompt_chars
-        for other in nearest_ranks(rank, len(by_length), rejected_per_prompt, rng):
-            other_start = by_length[other][0]
-            pair = {
-                "prompt": text[start:middle],
-                "chosen": text[middle : start + need],
-                "rejected": text[other_start + prompt_chars : other_start + need],
-            }
-            pairs.append((start, pair))
+        others = [by_length[other][0] for other in nearest_ranks(rank, len(by_length), rejected_per_prompt, rng)]
+        for length in range(prompt_chars, shortest - 1, -completion_chars):
+            end = length + completion_chars
+            for other_start in others:
+                pair = {
+                    "prompt": text[start : start + length],
+                    "chosen": text[start + length : start + end],
+                    "rejected": text[other_start + length : other_start + end],
+                }
+                pairs.append((start, pair))
     return [pair for _, pair in sorted(pairs, key=lambda item: item[0])]
 
 
@@ -149,7 +160,8 @@ class PromptCompletionDataModule(L.LightningDataModule):
         corpus_path, prompt_chars, completion_chars: the tiny_shakespeare corpus and the size of
             the pairs derived from it when data_path is None.
         rejected_per_prompt: rejected continuations per training prompt of the derived pairs (one
-            pair each, from different speeches); validation pairs keep one.
+            pair each, from different speeches); prompts_per_speech: openings per speech, each
+            completion_chars shorter than the last (shakespeare_pairs). Validation pairs keep one of each.
         cache_dir: where `datasets` keeps its Arrow files (None: its default, ~/.cache/huggingface).
     """
 
@@ -168,13 +180,14 @@ class PromptCompletionDataModule(L.LightningDataModule):
         prompt_chars: int = 32,
         completion_chars: int = 32,
         rejected_per_prompt: int = 1,
+        prompts_per_speech: int = 1,
         num_workers: int = 0,
         seed: int = 1337,
         cache_dir: str | None = None,
     ):
         super().__init__()
         for name, value in [("batch_size", batch_size), ("prompt_chars", prompt_chars), ("completion_chars", completion_chars),
-                            ("rejected_per_prompt", rejected_per_prompt)]:
+                            ("rejected_per_prompt", rejected_per_prompt), ("prompts_per_speech", prompts_per_speech)]:
             _require_positive_int(name, value)
         for name, value in [("max_length", max_length), ("max_prompt_length", max_prompt_length)]:
             if value is not None:
@@ -266,10 +279,11 @@ class PromptCompletionDataModule(L.LightningDataModule):
         path = self.hparams.data_path
         if path is None:
             text, options = self._corpus(), self._pair_options()
-            # validation keeps one rejected per prompt: the held-out pairs do not depend on the training knob
+            # validation keeps one pair per speech: the held-out pairs do not depend on the training knobs
+            more = dict(rejected_per_prompt=self.hparams.rejected_per_prompt, prompts_per_speech=self.hparams.prompts_per_speech)
             return tuple(
-                Dataset.from_list(self.from_pairs(shakespeare_pairs(text, split, **options, rejected_per_prompt=k)))
-                for split, k in (("train", self.hparams.rejected_per_prompt), ("val", 1))
+                Dataset.from_list(self.from_pairs(shakespeare_pairs(text, split, **options, **knobs)))
+                for split, knobs in (("train", more), ("val", {}))
             )
         data = self._load(path)
         if self.hparams.val_data_path is not None:
