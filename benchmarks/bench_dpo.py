@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init_from", default="runs/pretrain_cpu/version_0/checkpoints/last.ckpt")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--beta", type=float, default=None, help="default: the recipe's")
     args = parser.parse_args()
     torch.set_num_threads(1)
     corpus = str(find_corpus(None))
@@ -76,7 +76,9 @@ def main() -> None:
         tokenizer = Tokenizer.from_checkpoint(start)
         block_size = pretrained.config.block_size
 
-        recipe = yaml.safe_load(DPO_YAML.read_text())["data"]["init_args"]  # the pairs the run trains on
+        recipe = yaml.safe_load(DPO_YAML.read_text())
+        beta = recipe["model"]["init_args"]["beta"] if args.beta is None else args.beta
+        recipe = recipe["data"]["init_args"]  # the pairs the run trains on
         pairs = PreferenceDataModule(
             tokenizer=start_ckpt, corpus_path=corpus, max_length=block_size + 1, batch_size=64,
             prompt_chars=recipe["prompt_chars"], completion_chars=recipe["completion_chars"],
@@ -92,7 +94,7 @@ def main() -> None:
         def evaluate(policy):
             torch.manual_seed(0)
             return (
-                preference_scores(policy, pretrained, pairs.val_dataloader(), args.beta),
+                preference_scores(policy, pretrained, pairs.val_dataloader(), beta),
                 lm_loss(policy, windows.val_dataloader()),
                 # the pair's own task (continue the held-out prompt) and a longer free sample from its opening
                 generate_texts(policy, tokenizer, prompts, max_new_tokens=len(held_out[0]["chosen_ids"])),
@@ -104,7 +106,7 @@ def main() -> None:
         cli = run_lightning([
             "fit", "--config", str(DPO_YAML),
             "--model.init_args.init_from", start_ckpt,
-            "--model.init_args.beta", str(args.beta),
+            "--model.init_args.beta", str(beta),
             "--data.init_args.corpus_path", corpus,
             "--trainer.accelerator", "cpu",
             "--trainer.max_steps", str(args.steps),
@@ -118,7 +120,7 @@ def main() -> None:
         after = evaluate(policy)
         logged = {key: float(value) for key, value in cli.trainer.callback_metrics.items() if key.startswith("val/")}
 
-    hp = cli.model.hparams
+    hp, data = cli.model.hparams, cli.datamodule.hparams
     rows = []
     for label, (scores, loss, _, _) in (("pretrained (= reference)", before), (f"after {args.steps} DPO steps", after)):
         rows.append([
@@ -136,11 +138,13 @@ def main() -> None:
         f"`python -m benchmarks.bench_dpo --steps {args.steps}` on {machine_description()}: configs/dpo.yaml from the "
         f"pretrain_cpu checkpoint (4 layers x 128, char tokenizer, block 64), beta {hp.beta}, rpo_alpha {hp.rpo_alpha}, "
         f"lr {hp.learning_rate}, "
-        f"batch {cli.datamodule.hparams.batch_size} pairs, {args.steps} steps in {train_seconds:.0f} s (one thread). "
-        f"Pairs from tiny_shakespeare: prompt = a speech's first {cli.datamodule.hparams.prompt_chars} characters, "
-        f"chosen = its next {cli.datamodule.hparams.completion_chars}, rejected = the same stretch of a speech of "
-        f"similar length; {len(cli.datamodule.train_dataset)} training pairs, {before[0]['pairs']} held-out pairs "
-        "from the validation part of the corpus.\n\n"
+        f"batch {data.batch_size} pairs, {args.steps} steps in {train_seconds:.0f} s (one thread). "
+        f"Pairs from tiny_shakespeare: prompt = a speech's first {data.prompt_chars} characters, "
+        f"chosen = its next {data.completion_chars}, rejected = the same stretch of a speech of "
+        f"similar length; {len(cli.datamodule.train_dataset)} training pairs ({data.prompts_per_speech} prompt(s) per "
+        f"speech, each {data.completion_chars} characters shorter than the last, and {data.rejected_per_prompt} "
+        f"rejected per prompt), {before[0]['pairs']} held-out pairs from the validation part of the corpus "
+        "(one per speech, its first prompt_chars characters).\n\n"
         + markdown_table(
             ["model", "reward accuracy", "reward margin", "log p(chosen) > log p(rejected)", "held-out LM loss"], rows
         )
