@@ -208,8 +208,9 @@ def dpo_cli_args(tmp_path, corpus_path, init_from, *extra) -> list:
         "--model.init_args.learning_rate", "1e-2",
         "--model.init_args.warmup_steps", "0",
         "--data.init_args.corpus_path", str(corpus_path),
-        "--data.init_args.prompt_chars", "12",
-        "--data.init_args.completion_chars", "12",
+        "--data.init_args.prompt_chars", "16",
+        "--data.init_args.completion_chars", "8",
+        "--data.init_args.prompts_per_speech", "2",  # the recipe's 6 need longer prompts than this tiny block holds
         "--data.init_args.batch_size", "8",
         "--trainer.accelerator", "cpu",
         "--trainer.max_steps", "4",
