@@ -143,7 +143,9 @@ def main() -> None:
             text = (
                 f"Settings of {SETTING} The runs shared the one GPU, so their wall times and tokens/s are not one "
                 f"run's. Beside them, a {FSDP_STEPS}-step run of configs/fsdp.yaml (FSDP2 through "
-                "ModelParallelStrategy, one device) whose checkpoint PicoGPT.from_checkpoint loads."
+                "ModelParallelStrategy, one device) whose checkpoint PicoGPT.from_checkpoint loads: `python -m "
+                "picogpt_lightning fit --config configs/pretrain.yaml --config configs/fsdp.yaml --trainer.max_steps "
+                f"{FSDP_STEPS} --trainer.val_check_interval {FSDP_STEPS}` (more GPUs: README.md, \"Scaling\")."
             )
             report("pretrain_gpu_sweep", "Pretraining on one GPU: dropout and schedule", 2, text, rows, args.smoke)
         if 3 in args.stages:
