@@ -137,7 +137,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=80, help="steps per round")
     parser.add_argument("--skip", type=int, default=20, help="untimed first steps of each round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per path, cycling through the paths")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":

@@ -4,6 +4,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional
 
@@ -13,7 +14,8 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, ThroughputMonitor
 from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from picogpt_lightning.model.generation import resolve_generation_config
 from picogpt_lightning.text_generation import encode_prompts, generate_texts
@@ -316,7 +318,25 @@ def dense_peak_flops(device_name: str, dtype) -> Optional[float]:
 
 
 class PeakFlopsThroughputMonitor(ThroughputMonitor):
-    """Lightning's ThroughputMonitor, with MFU measured against dense peaks on the GPUs listed above."""
+    """Lightning's ThroughputMonitor, made cheap on a GPU, with MFU against the dense peaks above.
+
+    Lightning's reads the clock after every batch, behind a `torch.cuda.synchronize()`: a host sync
+    that drains the GPU's queue each step. This one reads it only on the steps whose metrics are
+    logged (the other batches are counted, not timed) and not during validation, whose span is
+    taken out of the training clock instead. The rolling window is then `window_size` logged steps.
+    """
+
+    def __init__(
+        self,
+        batch_size_fn: Callable[[Any], int],
+        length_fn: Optional[Callable[[Any], int]] = None,
+        window_size: int = 5,
+        separator: str = "/",
+        **kwargs,
+    ):
+        super().__init__(batch_size_fn, length_fn, window_size=window_size, separator=separator, **kwargs)
+        self._untimed_batches = 0
+        self._validation_start = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -329,3 +349,48 @@ class PeakFlopsThroughputMonitor(ThroughputMonitor):
             for throughput in self._throughputs.values():
                 throughput.available_flops = int(peak)
 
+    def _synchronized_clock(self, trainer) -> float:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, *args) -> None:
+        logged = not trainer.fit_loop._should_accumulate() and trainer._logger_connector.should_update_logs
+        if not logged:  # count the batch; the next logged step's clock reading covers its time
+            stage = trainer.state.stage
+            self._samples[stage] += self.batch_size_fn(batch)
+            self._batches[stage] += 1
+            if self.length_fn is not None:
+                self._lengths[stage] += self.length_fn(batch)
+            self._untimed_batches += 1
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, *args)
+
+    def _update(self, trainer, pl_module, batch, iter_num: int) -> None:
+        super()._update(trainer, pl_module, batch, iter_num)
+        flops = self._throughputs[trainer.state.stage]._flops
+        if flops:  # Throughput takes the FLOPs done since its last update: this batch and the untimed ones
+            flops[-1] *= self._untimed_batches + 1
+        self._untimed_batches = 0
+
+    def _fitting(self, trainer) -> bool:
+        return not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING
+
+    @rank_zero_only
+    def on_validation_start(self, trainer, *args) -> None:
+        if self._fitting(trainer):
+            self._validation_start = self._synchronized_clock(trainer)
+        else:
+            super().on_validation_start(trainer, *args)
+
+    @rank_zero_only
+    def on_validation_batch_end(self, trainer, *args, **kwargs) -> None:
+        if not self._fitting(trainer):  # a `validate` run is timed batch by batch, as Lightning does
+            super().on_validation_batch_end(trainer, *args, **kwargs)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, *args) -> None:
+        if self._fitting(trainer) and self._validation_start is not None:
+            self._t0s[RunningStage.TRAINING] += self._synchronized_clock(trainer) - self._validation_start
+            self._validation_start = None

@@ -216,6 +216,7 @@ def dpo_cli_args(tmp_path, corpus_path, init_from, *extra) -> list:
         "--trainer.max_steps", "4",
         "--trainer.val_check_interval", "4",
         "--trainer.limit_val_batches", "2",
+        "--trainer.log_every_n_steps", "2",  # training metrics are logged on logging steps only
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),

@@ -4,7 +4,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 
-from picogpt_lightning.callbacks import dense_peak_flops
+from picogpt_lightning.callbacks import PeakFlopsThroughputMonitor, dense_peak_flops
 from lightning.pytorch.loggers import Logger
 from torch import nn
 
@@ -55,6 +55,31 @@ def test_throughput_monitor_reports_the_modules_flops(corpus_path):
     samples_per_sec = metrics["train/device/samples_per_sec"]
     assert metrics["train/device/flops_per_sec"] == pytest.approx(samples_per_sec * flops_per_sample)
     assert "train/device/mfu" not in metrics  # a CPU has no peak-FLOPs entry in Lightning: no MFU, no error
+
+
+def test_peak_flops_monitor_reads_the_clock_only_on_logged_steps(corpus_path):
+    # Lightning's monitor synchronizes the GPU to read the clock after every batch; this one only on
+    # logged steps, so each update must account for the FLOPs of the untimed batches since the last
+    seed_everything()
+    model = LanguageModelModule(tiny_config(), lr_decay_steps=12)
+    logger = MemoryLogger()
+    monitor = PeakFlopsThroughputMonitor(batch_size_fn=sequences_in_batch, length_fn=positions_in_batch, window_size=2)
+    timed_steps = []
+    lightning_update = monitor._update
+    monitor._update = lambda trainer, *args: timed_steps.append(trainer.global_step) or lightning_update(trainer, *args)
+    trainer = quiet_trainer(
+        max_steps=12, logger=logger, log_every_n_steps=3, callbacks=[monitor], limit_val_batches=2, val_check_interval=4
+    )
+    trainer.fit(model, datamodule=tiny_datamodule(corpus_path, batch_size=4))
+
+    assert timed_steps == [3, 6, 9, 12]  # no clock reading on the other steps, none in validation
+    metrics = logger.metrics
+    samples_per_sec = metrics["train/device/samples_per_sec"]
+    assert metrics["train/device/items_per_sec"] == pytest.approx(samples_per_sec * BLOCK_SIZE)
+    flops_per_sample = BLOCK_SIZE * flops_per_token(model.config, BLOCK_SIZE)
+    assert metrics["train/device/flops_per_sec"] == pytest.approx(samples_per_sec * flops_per_sample)
+    assert metrics["train/samples"] == 12 * 4
+    assert not any(name.startswith("validate/") for name in metrics)
 
 
 @pytest.mark.parametrize(
