@@ -10,31 +10,36 @@ Four formats hold a PicoGPT, and `load` reads each of them once into a `Checkpoi
   supplies the config;
 - a packed quantized file written by `save_quantized` (the `quantize` command): a `save` file
   whose linear layers hold packed NF4 or BitNet codes and scales, described by its
-  `picogpt_quantization` entry, so loading builds the same packed layers before the weights.
+  `picogpt_quantization` entry, so loading builds the same packed layers before the weights
+  (picogpt_lightning/quant/packing.py packs them the same way both times).
 
 Files are read with `torch.load(weights_only=True)`: tensors, plain containers and this
 project's own config type only, so a planted pickle cannot run code. Everything else asks
 this module: the model package knows nothing of Lightning's layout.
 """
 
+import contextlib
+import errno
 import os
+import re
+import tempfile
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional
 
 import torch
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from picogpt_lightning.errors import InputNotFound, UserError
 from picogpt_lightning.model.config import PicoGPTConfig
-from picogpt_lightning.quant import pack_bitnet, quantize_nf4
+from picogpt_lightning.quant.packing import QUANTIZATION_METHODS, build_packed_layers
 
 CONFIG_KEY = "picogpt_config"  # PicoGPTConfig.to_dict()
 TOKENIZER_KEY = "picogpt_tokenizer"  # Tokenizer.to_dict()
 STATE_DICT_KEY = "state_dict"
 QUANTIZATION_KEY = "picogpt_quantization"  # {"method": "nf4", "block_size", "double_quant", "skip"} or {"method": "bitnet"}
-QUANTIZATION_METHODS = ("nf4", "bitnet")
 MODEL_PREFIX = "model."  # LightningModules here keep the trained PicoGPT as `self.model`
-COMPILE_PREFIX = "_orig_mod."
-LIGHTNING_VERSION_KEY = "pytorch-lightning_version"  # in every checkpoint the Lightning Trainer writes  # torch.compile wraps modules under this attribute name
+COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps modules under this attribute name
+LIGHTNING_VERSION_KEY = "pytorch-lightning_version"  # in every checkpoint the Lightning Trainer writes
 # fields that change how a model is trained, not what it computes: they may differ between
 # a stored config and the one a run asks for
 TRAINING_ONLY_FIELDS = ("dropout", "neftune_noise_alpha")
@@ -44,7 +49,7 @@ TRAINING_ONLY_FIELDS = ("dropout", "neftune_noise_alpha")
 torch.serialization.add_safe_globals([PicoGPTConfig])
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that cannot be used, with the file's name and the fix in one line."""
 
 
@@ -108,12 +113,12 @@ class Checkpoint:
 
 
 def load(path) -> Checkpoint:
-    """Reads a checkpoint file of any of the three formats (a Checkpoint passes through); one-line errors name the file."""
+    """Reads a checkpoint file of any of the four formats (a Checkpoint passes through); one-line errors name the file."""
     if isinstance(path, Checkpoint):
         return path
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}; check the path (runs write them under checkpoints/)")
+        raise InputNotFound(f"checkpoint not found: {path}; check the path (runs write them under runs/<name>/version_N/checkpoints/)")
     contents = read_file(path)
     if not isinstance(contents, dict):
         raise CheckpointError(f"{path} holds a {type(contents).__name__}, not a checkpoint of this project")
@@ -204,32 +209,10 @@ def require_unquantized(checkpoint: Checkpoint, purpose: str) -> None:
         )
 
 
-def build_packed_layers(model: torch.nn.Module, quantization: dict, path: str = "model") -> None:
-    """Packs the model's linear layers as `quantization` describes, in place.
-
-    `quant.packed_file.quantize_checkpoint` packs trained weights; loading a packed file packs a freshly built model's
-    initial weights only to get layers of the right shapes, whose values the file then replaces.
-    """
-    method = quantization.get("method")
-    if method == "nf4":
-        quantize_nf4(
-            model, block_size=int(quantization["block_size"]), double_quant=bool(quantization["double_quant"]),
-            skip=tuple(quantization["skip"]),
-        )
-    elif method == "bitnet":
-        if model.config.linear == "linear":
-            raise CheckpointError(f"{path} holds packed BitNet weights but its config has linear='linear'")
-        pack_bitnet(model)
-    else:
-        raise CheckpointError(
-            f"{path} has quantization method {method!r}, which this version cannot read; known: {QUANTIZATION_METHODS}"
-        )
-
-
 def save_quantized(path, model: torch.nn.Module, quantization: dict, tokenizer=None, **extra: Any) -> None:
     """Writes a model whose linear layers are already packed (quantize_nf4 or pack_bitnet) with what rebuilds them."""
     if quantization.get("method") not in QUANTIZATION_METHODS:
-        raise ValueError(f"quantization method must be one of {QUANTIZATION_METHODS}, got {quantization.get('method')!r}")
+        raise UserError(f"quantization method must be one of {QUANTIZATION_METHODS}, got {quantization.get('method')!r}")
     save(path, model, tokenizer, **{QUANTIZATION_KEY: dict(quantization), **extra})
 
 
@@ -245,12 +228,116 @@ def save(path, model: torch.nn.Module, tokenizer=None, **extra: Any) -> None:
     payload = {CONFIG_KEY: model.config.to_dict(), STATE_DICT_KEY: model.state_dict(), **extra}
     if tokenizer is not None:
         payload[TOKENIZER_KEY] = tokenizer.to_dict()
-    path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(os.fspath(path), lambda file: torch.save(payload, file))
 
+
+class WriteError(UserError):
+    """A file that could not be written (disk full, read-only, permissions), named with the cause in one line."""
+
+
+# what to do about the errors a write meets most; any other names its cause and asks to check the path
+WRITE_FIXES = {
+    errno.ENOSPC: "free space or choose another directory",
+    errno.EDQUOT: "free space within your quota or choose another directory",
+    errno.EROFS: "choose a directory on a writable filesystem",
+    **dict.fromkeys((errno.EACCES, errno.EPERM), "choose a directory you can write to"),
+    errno.EBUSY: "it is in use (a mount point?); choose another path",
+}
+
+
+def write_error(path, error: OSError) -> WriteError:
+    fix = WRITE_FIXES.get(error.errno, "check the path and the disk")
+    return WriteError(f"cannot write {path}: {error.strerror or error}; {fix}")
+
+
+def write_atomically(path: str, write) -> None:
+    """`write(file)` into a temporary file beside `path`, fsynced, then renamed over it.
+
+    The temporary file lives in the destination's own directory, so the rename never crosses
+    a filesystem and is atomic: `path` holds the previous file or the new one, never a part.
+    It is hidden and never ends in `.ckpt` (`.last.ckpt.<pid>.<random>.tmp`), so nothing takes it
+    for a checkpoint. A write that fails removes it and raises a one-line `WriteError` naming
+    `path` and the cause; one a SIGKILL left behind (a killed process cannot clean up) is removed
+    by the next write of the same file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp, file = None, None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        remove_stale_temporaries(path)
+        descriptor, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=directory)
+        with os.fdopen(descriptor, "wb") as raw:
+            os.fchmod(raw.fileno(), file_mode())  # mkstemp's 0600 would hide the file from the user's group
+            file = RecordingWriter(raw)
+            write(file)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        sync_directory(directory)  # the rename itself, on disk
+    except OSError as error:
+        raise write_error(path, error) from None
+    except Exception:
+        if file is not None and file.error is not None:  # torch.save reports a failed write as a RuntimeError
+            raise write_error(path, file.error) from None
+        raise
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+class RecordingWriter:
+    """A file whose `write` remembers the OSError it raised: torch.save turns it into a RuntimeError
+    ("unexpected pos ...") that no longer says the disk is full."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """Removes the temporary files of `path` whose writing process is gone (SIGKILLed mid-write)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[^.]+\.tmp")
+    for entry in os.listdir(directory):
+        match = pattern.fullmatch(entry)
+        if match and not process_running(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, entry))
+
+
+def process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists; PermissionError: it does, another user's
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def sync_directory(directory: str) -> None:
+    """fsyncs a directory, so a rename in it survives a power loss; filesystems that cannot are skipped."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def file_mode() -> int:
+    """The permissions a plain open() would give a new file under this process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

@@ -10,12 +10,11 @@ keeps q, k and v in one matrix whose rows are [n_head * hs | groups * hs | group
 llama keeps three matrices. Everything else is a rename.
 """
 
-import shutil
-from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
+from picogpt_lightning.errors import UserError
 from picogpt_lightning.model import PicoGPT, PicoGPTConfig
 
 # PicoGPT name in a block -> llama name in a decoder layer (same shapes)
@@ -29,28 +28,35 @@ BLOCK_RENAMES = {
 }
 
 
+# the fields both configs hold under their own names: PicoGPTConfig's, then LlamaConfig's
+SHARED_FIELDS = (
+    ("vocab_size", "vocab_size"),
+    ("block_size", "max_position_embeddings"),
+    ("n_layer", "num_hidden_layers"),
+    ("n_embd", "hidden_size"),
+    ("n_head", "num_attention_heads"),
+    ("n_query_groups", "num_key_value_heads"),
+    ("intermediate_size", "intermediate_size"),
+    ("norm_eps", "rms_norm_eps"),
+)
+
+
 def llama_config(config: PicoGPTConfig, bos_token_id=None, eos_token_id=None, pad_token_id=None):
     """The LlamaConfig of the same architecture; refuses what llama cannot express."""
     from transformers import LlamaConfig
 
     if config.mlp != "swiglu":
-        raise ValueError(
+        raise UserError(
             f"mlp={config.mlp!r} has no Llama equivalent (llama's MLP is SwiGLU); "
             "only models trained with mlp='swiglu' can be exported"
         )
     if config.linear != "linear":
-        raise ValueError(f"linear={config.linear!r} has no Llama equivalent; export a model with linear='linear'")
+        raise UserError(f"linear={config.linear!r} has no Llama equivalent; export a model with linear='linear'")
+    fields = {llama: getattr(config, pico) for pico, llama in SHARED_FIELDS}
     return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.n_embd,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        num_key_value_heads=config.n_query_groups,
+        **fields,
         head_dim=config.head_size,
         hidden_act="silu",
-        max_position_embeddings=config.block_size,
-        rms_norm_eps=config.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
         tie_word_embeddings=config.tie_weights,
         attention_bias=config.bias,
@@ -65,26 +71,20 @@ def picogpt_config(llama_config) -> PicoGPTConfig:
     """The PicoGPTConfig of a LlamaConfig; refuses llama variants PicoGPT does not implement."""
     rope = getattr(llama_config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"rope_type={rope.get('rope_type')!r} is not supported; PicoGPT implements plain RoPE only")
+        raise UserError(f"rope_type={rope.get('rope_type')!r} is not supported; PicoGPT implements plain RoPE only")
     if llama_config.hidden_act != "silu":
-        raise ValueError(f"hidden_act={llama_config.hidden_act!r} is not supported; PicoGPT's SwiGLU uses silu")
+        raise UserError(f"hidden_act={llama_config.hidden_act!r} is not supported; PicoGPT's SwiGLU uses silu")
     head_dim = getattr(llama_config, "head_dim", None) or llama_config.hidden_size // llama_config.num_attention_heads
     if head_dim * llama_config.num_attention_heads != llama_config.hidden_size:
-        raise ValueError("head_dim * num_attention_heads must equal hidden_size for PicoGPT")
+        raise UserError("head_dim * num_attention_heads must equal hidden_size for PicoGPT")
     if llama_config.attention_bias != llama_config.mlp_bias:
-        raise ValueError("attention_bias and mlp_bias must agree: PicoGPT has one bias switch")
+        raise UserError("attention_bias and mlp_bias must agree: PicoGPT has one bias switch")
+    fields = {pico: getattr(llama_config, llama) for pico, llama in SHARED_FIELDS}
     return PicoGPTConfig(
-        vocab_size=llama_config.vocab_size,
-        block_size=llama_config.max_position_embeddings,
-        n_layer=llama_config.num_hidden_layers,
-        n_embd=llama_config.hidden_size,
-        n_head=llama_config.num_attention_heads,
-        n_query_groups=llama_config.num_key_value_heads,
+        **fields,
         mlp="swiglu",
-        intermediate_size=llama_config.intermediate_size,
         tie_weights=bool(llama_config.tie_word_embeddings),
         rope_theta=float(rope.get("rope_theta", 10000.0)),
-        norm_eps=llama_config.rms_norm_eps,
         bias=bool(llama_config.attention_bias),
     )
 
@@ -172,29 +172,3 @@ def save_pretrained(model: PicoGPT, directory: str, tokenizer: Optional[object] 
     to_hf(model, **ids).save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save(directory)
-
-
-def export_checkpoint(checkpoint_path: str, directory: str, overwrite: bool = False) -> None:
-    """A checkpoint of this project -> a Hugging Face directory (model, generation config, tokenizer).
-
-    Written to a temporary sibling first, so a failure never leaves a half-written export.
-    """
-    from picogpt_lightning import checkpoints
-    from picogpt_lightning.data.tokenizer import Tokenizer
-
-    target = Path(directory)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise ValueError(f"{directory} already exists and is not empty; choose another --out or pass --overwrite true")
-    checkpoint = checkpoints.load(checkpoint_path)
-    checkpoints.require_unquantized(checkpoint, "a Hugging Face export")
-    model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval(), Tokenizer.from_checkpoint(checkpoint)
-    llama_config(model.config)  # refuse a model llama cannot express before writing anything
-    staging = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        save_pretrained(model, str(staging), tokenizer)
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Losses for distillation and preference alignment, as pure functions of tensors (no modules, no Lightning).
+"""Losses for language modelling, distillation and preference alignment, as pure functions of tensors (no modules, no Lightning).
 
 Shapes: logits are (B, T, vocab), hidden states (B, T, width), masks (B, T) with 1 on the
 real tokens, labels (B, T) pre-shifted with -100 on ignored positions. Every reduction is in
@@ -11,10 +11,22 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from picogpt_lightning.data.collate import IGNORE_INDEX
+from picogpt_lightning.errors import UserError
 
+IGNORE_INDEX = -100  # the label that cross_entropy (and transformers) skip
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 LayerMap = Union[Dict[int, int], Sequence[Tuple[int, int]]]
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over real tokens; labels are already shifted, -100 marks pads.
+
+    A batch without real tokens gives 0, not NaN, so its share of a step's loss sum is 0.
+    """
+    total = F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def kd_loss(
@@ -35,16 +47,16 @@ def kd_loss(
     -inf; gathering the k logits computes it without the 0 * -inf a masked vocabulary would hit.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
+        raise UserError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
             "differ; distillation needs the same batch, length and vocabulary"
         )
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise UserError(f"temperature must be > 0, got {temperature}")
     student, teacher = student_logits.float(), teacher_logits.float()
     if top_k is not None:
         if not 0 < top_k <= teacher.shape[-1]:
-            raise ValueError(f"top_k must be in [1, vocab size {teacher.shape[-1]}], got {top_k}")
+            raise UserError(f"top_k must be in [1, vocab size {teacher.shape[-1]}], got {top_k}")
         top = teacher.topk(top_k, dim=-1).indices
         student, teacher = student.gather(-1, top), teacher.gather(-1, top)
 
@@ -61,7 +73,7 @@ def default_layer_map(student_layers: int, teacher_layers: int) -> List[Tuple[in
     student's last block meets the teacher's last block, both after the final norm.
     """
     if teacher_layers % student_layers != 0:
-        raise ValueError(
+        raise UserError(
             f"the teacher's {teacher_layers} layers are not a multiple of the student's {student_layers}; "
             "pass layer_map explicitly, e.g. {student_layer: teacher_layer, ...}"
         )
@@ -89,11 +101,11 @@ def hidden_cosine_loss(
         layer_map = default_layer_map(len(student_hidden) - 1, len(teacher_hidden) - 1)
     pairs = list(layer_map.items()) if isinstance(layer_map, dict) else [tuple(pair) for pair in layer_map]
     if not pairs:
-        raise ValueError("layer_map is empty; map at least one student layer to a teacher layer")
+        raise UserError("layer_map is empty; map at least one student layer to a teacher layer")
     losses = []
     for student_index, teacher_index in pairs:
         if not (0 <= student_index < len(student_hidden) and 0 <= teacher_index < len(teacher_hidden)):
-            raise ValueError(
+            raise UserError(
                 f"layer_map pair ({student_index}, {teacher_index}) is out of range: the student has hidden "
                 f"states 0..{len(student_hidden) - 1}, the teacher 0..{len(teacher_hidden) - 1}"
             )
@@ -102,7 +114,7 @@ def hidden_cosine_loss(
             student = projection(student)
         teacher = teacher_hidden[teacher_index]
         if student.shape != teacher.shape:
-            raise ValueError(
+            raise UserError(
                 f"student hidden state {tuple(student.shape)} and teacher hidden state {tuple(teacher.shape)} "
                 "differ; pass a projection from the student's width to the teacher's"
             )
@@ -116,7 +128,7 @@ def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Ten
     if mask is None:
         return values.mean()
     if mask.shape != values.shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(values.shape)} (batch, length)")
+        raise UserError(f"mask has shape {tuple(mask.shape)}, expected {tuple(values.shape)} (batch, length)")
     # torch.where, not values[mask]: boolean indexing has a data-dependent shape, which syncs the
     # host with the GPU and breaks a compiled graph
     keep = mask.bool()
@@ -132,7 +144,7 @@ def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor, average: bool
     sync, one compiled graph).
     """
     if logits.shape[:2] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ in batch or length")
+        raise UserError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ in batch or length")
     real = labels != IGNORE_INDEX
     targets = labels.masked_fill(~real, 0).unsqueeze(-1)  # any valid id; its log-prob is masked away
     logits = logits.float()
@@ -150,15 +162,18 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     loss_type: str = "sigmoid",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Direct Preference Optimization (Rafailov et al., 2023), per pair, with trl's variants.
+    """Direct Preference Optimization (Rafailov et al., 2023), per pair, in trl 0.28's conventions.
 
     With d = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected):
-      "sigmoid": -(1 - e) log sigmoid(beta d) - e log sigmoid(-beta d), e = label_smoothing
-                 (conservative DPO; e = 0 is plain DPO);
+      "sigmoid": -(1 - e) log sigmoid(beta d) - e log sigmoid(-beta d), e = label_smoothing:
+                 conservative DPO as in Mitchell's cDPO note and trl <= 0.28 (trl >= 1.0 applies
+                 label_smoothing to its robust variants only); e = 0 is plain DPO;
       "ipo":     (d - 1 / (2 beta))^2 (Azar et al., 2023; pass log-probs averaged over tokens);
       "hinge":   relu(1 - beta d) (SLiC).
     Returns (losses, chosen_rewards, rejected_rewards), each (B,); the rewards are the implicit
-    beta * (policy - reference) log-probs, detached: they are for logging, not for gradients.
+    beta * (policy - reference) of the log-probs passed in, detached, for logging. For "ipo"
+    those are the per-token averages, so its rewards are beta times the averaged log-ratio,
+    as trl 0.28 logs them (trl >= 1.0 logs beta times the summed log-ratio for every loss type).
     """
     check_dpo_options(beta, label_smoothing, loss_type)
     policy_chosen, policy_rejected = policy_chosen_logps.float(), policy_rejected_logps.float()
@@ -177,10 +192,10 @@ def dpo_loss(
 
 def check_dpo_options(beta: float, label_smoothing: float, loss_type: str) -> None:
     if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+        raise UserError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
     if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+        raise UserError(f"beta must be > 0, got {beta}")
     if not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5) (the assumed share of flipped labels), got {label_smoothing}")
+        raise UserError(f"label_smoothing must be in [0, 0.5) (the assumed share of flipped labels), got {label_smoothing}")
     if label_smoothing and loss_type != "sigmoid":
-        raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, got loss_type={loss_type!r}")
+        raise UserError(f"label_smoothing applies to loss_type='sigmoid' only, got loss_type={loss_type!r}")

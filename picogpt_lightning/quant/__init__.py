@@ -7,5 +7,9 @@
 
 from picogpt_lightning.quant.bitnet import BitLinear, PackedBitLinear, pack_bitnet
 from picogpt_lightning.quant.nf4 import NF4Linear, quantize_nf4
+from picogpt_lightning.quant.packing import QUANTIZATION_METHODS, build_packed_layers
 
-__all__ = ["BitLinear", "NF4Linear", "PackedBitLinear", "pack_bitnet", "quantize_nf4"]
+__all__ = [
+    "BitLinear", "NF4Linear", "PackedBitLinear", "QUANTIZATION_METHODS", "build_packed_layers", "pack_bitnet",
+    "quantize_nf4",
+]

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from picogpt_lightning.errors import UserError
+
 BITNET_KINDS = {"bitnet1.58": 2, "bitnet1": 1}  # linear kind -> bits per packed weight
 RMS_EPS = 1e-6
 SCALE_EPS = 1e-5  # floor for max|x_n| and mean|W|, so an all-zero row or tensor stays finite
@@ -69,7 +71,7 @@ class BitLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, kind: str = "bitnet1.58"):
         if kind not in BITNET_KINDS:
-            raise ValueError(f"BitLinear kind must be one of {tuple(BITNET_KINDS)}, got {kind!r}")
+            raise UserError(f"BitLinear kind must be one of {tuple(BITNET_KINDS)}, got {kind!r}")
         super().__init__(in_features, out_features, bias=bias)
         self.kind = kind
 
@@ -106,7 +108,7 @@ class PackedBitLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, kind: str = "bitnet1.58"):
         super().__init__()
         if kind not in BITNET_KINDS:
-            raise ValueError(f"PackedBitLinear kind must be one of {tuple(BITNET_KINDS)}, got {kind!r}")
+            raise UserError(f"PackedBitLinear kind must be one of {tuple(BITNET_KINDS)}, got {kind!r}")
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
         bits = BITNET_KINDS[kind]
         numel = in_features * out_features

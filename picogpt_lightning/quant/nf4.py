@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from picogpt_lightning.errors import UserError
 from picogpt_lightning.quant.bitnet import BitLinear, PackedBitLinear
 
 # bitsandbytes.functional.get_4bit_type("nf4"): quantiles of N(0, 1) scaled to [-1, 1] (QLoRA, appendix E)
@@ -92,7 +93,7 @@ class NF4Linear(nn.Module):
     ):
         super().__init__()
         if not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(f"NF4 block_size must be a positive integer, got {block_size!r}")
+            raise UserError(f"NF4 block_size must be a positive integer, got {block_size!r}")
         self.in_features, self.out_features = in_features, out_features
         self.block_size, self.double_quant = block_size, double_quant
         numel = in_features * out_features
@@ -162,13 +163,13 @@ def quantize_nf4(
         for name, child in list(parent.named_children()):
             full_name = f"{parent_name}.{name}" if parent_name else name
             if isinstance(child, (BitLinear, PackedBitLinear)):
-                raise ValueError(
+                raise UserError(
                     f"{full_name} is a BitNet layer: a BitNet model has its own packed format (method 'bitnet'), not NF4"
                 )
             if not isinstance(child, nn.Linear) or name in skip or full_name in skip:
                 continue
             if id(child.weight) in shared:
-                raise ValueError(
+                raise UserError(
                     f"{full_name} shares its weight with an embedding (tied weights); add {name!r} to skip so the "
                     "tie and the embedding stay in full precision"
                 )

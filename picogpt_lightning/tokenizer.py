@@ -14,6 +14,9 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from picogpt_lightning import checkpoints
+from picogpt_lightning.errors import InputNotFound, UserError, first_line
+
 EOS_TOKEN = "<|endoftext|>"
 MIN_BPE_VOCAB_SIZE = 256 + 1  # every byte, plus EOS_TOKEN
 _KIND_KEY = "picogpt_kind"  # saved in tokenizer_config.json so load() knows the kind again
@@ -62,7 +65,7 @@ class Tokenizer:
         """Text of ``ids`` with every token kept, so decode(encode(text)) == text for char and bpe."""
         if isinstance(ids, torch.Tensor):
             if ids.dim() != 1:
-                raise ValueError(f"decode takes 1-D ids, got a tensor of shape {tuple(ids.shape)}; decode row by row")
+                raise UserError(f"decode takes 1-D ids, got a tensor of shape {tuple(ids.shape)}; decode row by row")
             ids = ids.tolist()
         return self.hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
@@ -77,10 +80,10 @@ class Tokenizer:
     @classmethod
     def from_dict(cls, d: dict) -> Tokenizer:
         if not isinstance(d, dict):
-            raise ValueError(f"Tokenizer.from_dict takes the dict made by to_dict(), got {type(d).__name__}")
+            raise UserError(f"Tokenizer.from_dict takes the dict made by to_dict(), got {type(d).__name__}")
         missing = [key for key in ("kind", "tokenizer_json", "special_tokens") if key not in d]
         if missing:
-            raise ValueError(f"tokenizer dict lacks {missing}; pass a dict made by Tokenizer.to_dict()")
+            raise UserError(f"tokenizer dict lacks {missing}; pass a dict made by Tokenizer.to_dict()")
         return cls(d["kind"], _wrap(BackendTokenizer.from_str(d["tokenizer_json"]), **d["special_tokens"]))
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -91,34 +94,32 @@ class Tokenizer:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
         if not Path(directory).is_dir():
-            raise FileNotFoundError(f"tokenizer directory {directory} does not exist; pass one written by save()")
+            raise InputNotFound(f"tokenizer directory {directory} does not exist; pass one written by save()")
         hf = _load_pretrained(str(directory))
         return cls(hf.init_kwargs.get(_KIND_KEY, str(directory)), hf)
 
     @classmethod
     def from_checkpoint(cls, path) -> Tokenizer:
         """The tokenizer a picogpt_lightning module stored in its checkpoint (a path or a `checkpoints.Checkpoint`)."""
-        from picogpt_lightning import checkpoints
-
         return cls.from_dict(checkpoints.load(path).require_tokenizer_dict())
 
-    def _encoding_error(self, texts: list[str], err: Exception) -> ValueError:
+    def _encoding_error(self, texts: list[str], err: Exception) -> UserError:
         vocab = self.hf.get_vocab()
         unknown = sorted({char for text in texts for char in text} - vocab.keys())
         if unknown and all(len(token) == 1 for token in vocab):  # a character vocabulary
-            return ValueError(
+            return UserError(
                 f"character(s) {', '.join(map(repr, unknown[:5]))} not in the {self.kind!r} tokenizer's "
                 f"{len(vocab)}-symbol vocabulary; build the char tokenizer from text that contains them"
             )
-        return ValueError(f"the {self.kind!r} tokenizer cannot encode this text: {_first_line(err)}")
+        return UserError(f"the {self.kind!r} tokenizer cannot encode this text: {first_line(err)}")
 
 
 def build_tokenizer(kind: str, text: str | None = None, vocab_size: int | None = None) -> Tokenizer:
     """'char' (vocabulary = the characters of ``text``), 'bpe' (trained on ``text``), or an HF path/hub id."""
     if not isinstance(kind, str) or not kind:
-        raise ValueError(f"tokenizer kind must be 'char', 'bpe' or a Hugging Face path/id, got {kind!r}")
+        raise UserError(f"tokenizer kind must be 'char', 'bpe' or a Hugging Face path/id, got {kind!r}")
     if kind != "bpe" and vocab_size is not None:
-        raise ValueError(f"vocab_size applies only to the 'bpe' tokenizer, the {kind!r} vocabulary is fixed; drop it")
+        raise UserError(f"vocab_size applies only to the 'bpe' tokenizer, the {kind!r} vocabulary is fixed; drop it")
     if kind == "char":
         return _build_char(_require_text(text, kind))
     if kind == "bpe":
@@ -140,7 +141,7 @@ def _build_char(text: str) -> Tokenizer:
 
 def _train_bpe(text: str, vocab_size: int | None) -> Tokenizer:
     if vocab_size is None or vocab_size < MIN_BPE_VOCAB_SIZE:
-        raise ValueError(
+        raise UserError(
             f"the 'bpe' tokenizer needs vocab_size >= {MIN_BPE_VOCAB_SIZE} (256 bytes + {EOS_TOKEN}), "
             f"got {vocab_size}; pass e.g. vocab_size=512"
         )
@@ -162,12 +163,12 @@ def _load_pretrained(name: str) -> PreTrainedTokenizerFast:
     try:
         hf = AutoTokenizer.from_pretrained(name)
     except Exception as err:
-        raise ValueError(
-            f"cannot load tokenizer {name!r} ({_first_line(err)}); use 'char', 'bpe', a local tokenizer "
+        raise UserError(
+            f"cannot load tokenizer {name!r} ({first_line(err)}); use 'char', 'bpe', a local tokenizer "
             "directory, or a Hugging Face hub id while online"
         ) from err
     if not hasattr(hf, "backend_tokenizer"):
-        raise ValueError(f"tokenizer {name!r} has no fast (Rust) version; pick a tokenizer with a tokenizer.json")
+        raise UserError(f"tokenizer {name!r} has no fast (Rust) version; pick a tokenizer with a tokenizer.json")
     if hf.pad_token is None and hf.eos_token is not None:
         hf.pad_token = hf.eos_token  # batches need a pad id; padded positions are masked out anyway
     return hf
@@ -180,10 +181,5 @@ def _wrap(backend: BackendTokenizer, **special_tokens) -> PreTrainedTokenizerFas
 
 def _require_text(text: str | None, kind: str) -> str:
     if not isinstance(text, str) or not text:
-        raise ValueError(f"the {kind!r} tokenizer is built from text; pass a non-empty text=...")
+        raise UserError(f"the {kind!r} tokenizer is built from text; pass a non-empty text=...")
     return text
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
