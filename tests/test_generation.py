@@ -9,7 +9,7 @@ from transformers import CompileConfig
 from picogpt_lightning import PicoGPT, PicoGPTConfig
 from picogpt_lightning.hf import to_hf
 from picogpt_lightning.model.cache import StaticKVCache
-from picogpt_lightning.model.generation import (
+from picogpt_lightning.generation import (
     decode_step_for,
     logits_processors,
     next_token_logits,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from picogpt_lightning import PicoGPT, PicoGPTConfig
-from picogpt_lightning.model.layers import apply_rotary
+from picogpt_lightning.model.attention import apply_rotary
 
 
 def tiny_config(**overrides) -> PicoGPTConfig:

@@ -3,6 +3,7 @@
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
+from picogpt_lightning.errors import UserError
 from picogpt_lightning.quant.bitnet import BITNET_KINDS
 
 MLP_KINDS = ("swiglu", "gelu")
@@ -33,40 +34,40 @@ class PicoGPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "n_query_groups"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"PicoGPTConfig.{name} must be a positive integer, got {value!r}")
+                raise UserError(f"PicoGPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(
+            raise UserError(
                 f"PicoGPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 "pick n_head among the divisors of n_embd"
             )
         if self.n_head % self.n_query_groups != 0:
-            raise ValueError(
+            raise UserError(
                 f"PicoGPTConfig.n_head ({self.n_head}) must be divisible by n_query_groups "
                 f"({self.n_query_groups}); pick a divisor of n_head"
             )
         if self.head_size % 2 != 0:
-            raise ValueError(
+            raise UserError(
                 f"PicoGPTConfig head size n_embd/n_head = {self.head_size} must be even for rotary "
                 "embeddings; change n_embd or n_head"
             )
         if self.mlp not in MLP_KINDS:
-            raise ValueError(f"PicoGPTConfig.mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
+            raise UserError(f"PicoGPTConfig.mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
         if self.linear not in LINEAR_KINDS:
-            raise ValueError(f"PicoGPTConfig.linear must be one of {LINEAR_KINDS}, got {self.linear!r}")
+            raise UserError(f"PicoGPTConfig.linear must be one of {LINEAR_KINDS}, got {self.linear!r}")
         if self.intermediate_size is None:
             self.intermediate_size = default_intermediate_size(self.n_embd, self.mlp)
         elif not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0:
-            raise ValueError(
+            raise UserError(
                 f"PicoGPTConfig.intermediate_size must be a positive integer, got {self.intermediate_size!r}"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"PicoGPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise UserError(f"PicoGPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.rope_theta <= 0:
-            raise ValueError(f"PicoGPTConfig.rope_theta must be positive, got {self.rope_theta!r}")
+            raise UserError(f"PicoGPTConfig.rope_theta must be positive, got {self.rope_theta!r}")
         if self.norm_eps <= 0:
-            raise ValueError(f"PicoGPTConfig.norm_eps must be positive, got {self.norm_eps!r}")
+            raise UserError(f"PicoGPTConfig.norm_eps must be positive, got {self.norm_eps!r}")
         if self.neftune_noise_alpha < 0:
-            raise ValueError(
+            raise UserError(
                 f"PicoGPTConfig.neftune_noise_alpha must be >= 0 (0 turns NEFTune off), "
                 f"got {self.neftune_noise_alpha!r}"
             )
@@ -83,7 +84,7 @@ class PicoGPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"PicoGPTConfig got unknown fields {unknown}; known fields are {sorted(known)}")
+            raise UserError(f"PicoGPTConfig got unknown fields {unknown}; known fields are {sorted(known)}")
         return cls(**values)
 
 

@@ -2,21 +2,38 @@
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from picogpt_lightning.model import generation
-from picogpt_lightning.model.cache import StaticKVCache, static_attention_mask, static_position_ids
+from picogpt_lightning.model.attention import CausalSelfAttention, RotaryEmbedding
+from picogpt_lightning.model.cache import KeysValues, KVCache, appended_positions, as_cache
 from picogpt_lightning.model.config import PicoGPTConfig
-from picogpt_lightning.model.layers import Block, KVCache, RotaryEmbedding, build_attention_mask, make_dropout
+from picogpt_lightning.model.layers import GeluMLP, SwiGLU, make_dropout
+from picogpt_lightning.model.masks import attention_mask_for, position_ids_for
+
 
 @dataclass
 class PicoGPTOutput:
     logits: torch.Tensor
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-    past_key_values: Optional[Tuple[KVCache, ...]] = None
+    past_key_values: Optional[KVCache] = None  # iterates as (keys, values) per layer, like legacy tuples
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: PicoGPTConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.mlp_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_position=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, cache_position)[0]
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class PicoGPT(nn.Module):
@@ -57,20 +74,20 @@ class PicoGPT(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
-        past_key_values: Optional[Union[Tuple[KVCache, ...], StaticKVCache]] = None,
+        past_key_values: Optional[Union[KVCache, Sequence[KeysValues]]] = None,
         use_cache: bool = False,
         output_hidden_states: bool = False,
         cache_position: Optional[torch.Tensor] = None,
     ) -> PicoGPTOutput:
-        """`past_key_values`: the growing cache (a tuple per layer, returned extended when
-        use_cache=True), or a `StaticKVCache` written in place at `cache_position` (T,) with
-        an attention_mask of (B, cache.max_length) or none, as transformers' StaticCache is used."""
-        B, T = input_ids.shape
-        static = isinstance(past_key_values, StaticKVCache)
-        if static:
-            mask, default_positions = self._static_mask_and_positions(attention_mask, past_key_values, cache_position, B, T)
-        else:
-            mask, default_positions = self._growing_mask_and_positions(attention_mask, past_key_values, B, T, input_ids.device)
+        """`past_key_values`: a cache of `picogpt_lightning.model.cache`, or transformers' legacy
+        tuple of (keys, values) per layer. With use_cache=True and none given, a growing
+        `DynamicCache` is made and returned; a given cache is extended in place and returned.
+        A `StaticKVCache` is written at `cache_position` (T,) with an attention_mask of
+        (B, cache.max_length) or none, as transformers' StaticCache is used."""
+        cache = as_cache(past_key_values, use_cache, self.config.n_layer)
+        mask, default_positions, cache_position = self._mask_and_positions(
+            input_ids, attention_mask, cache, cache_position
+        )
         if position_ids is None:
             position_ids = default_positions
 
@@ -81,55 +98,36 @@ class PicoGPT(nn.Module):
 
         cos, sin = self.rotary(position_ids, dtype=x.dtype)
         hidden_states: List[torch.Tensor] = [x] if output_hidden_states else []
-        presents = []
         for i, block in enumerate(self.blocks):
-            past = past_key_values[i] if past_key_values else None
-            x, present = block(x, cos, sin, mask, past, use_cache, cache_position)
-            presents.append(present)
+            x = block(x, cos, sin, mask, cache.layers[i] if cache is not None else None, cache_position)
             if output_hidden_states and i < len(self.blocks) - 1:
                 hidden_states.append(x)
         x = self.norm(x)
         if output_hidden_states:
             # as transformers: the last entry is the final block's output after the final norm
             hidden_states.append(x)
-        if static:
-            cache = past_key_values  # written in place
-        else:
-            cache = tuple(presents) if use_cache else None
         return PicoGPTOutput(
             logits=self.lm_head(x),
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
-            past_key_values=cache,
+            # a cache the caller passed is returned as it was written in place, whatever use_cache says
+            past_key_values=cache if use_cache or isinstance(past_key_values, KVCache) else None,
         )
 
-    def _growing_mask_and_positions(self, attention_mask, past_key_values, B, T, device):
-        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
-        if past_len + T > self.config.block_size:
+    def _mask_and_positions(self, input_ids, attention_mask, cache: Optional[KVCache], cache_position):
+        """The attention mask, default rotary positions and cache positions of the new tokens."""
+        (B, T), device = input_ids.shape, input_ids.device
+        if cache is None:
+            cache_position, key_length = appended_positions(0, B, T, attention_mask, device)
+        else:
+            cache_position, key_length = cache.prepare(B, T, attention_mask, cache_position, device)
+        if key_length > self.config.block_size:
             raise ValueError(
-                f"sequence length {past_len + T} exceeds block_size {self.config.block_size}; "
+                f"sequence length {key_length} exceeds block_size {self.config.block_size}; "
                 "shorten the input or train with a larger block_size"
             )
-        if attention_mask is not None and attention_mask.shape != (B, past_len + T):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past_len + T)} "
-                "(batch, cached + new tokens)"
-            )
-        mask = build_attention_mask(attention_mask, T, past_len, device)
-        return mask, positions_from_mask(attention_mask, B, T, past_len, device)
-
-    def _static_mask_and_positions(self, attention_mask, cache: StaticKVCache, cache_position, B, T):
-        # shapes only, no tensor values read on the host: a decode step compiles to one graph
-        if cache_position is None or cache_position.shape != (T,):
-            raise ValueError(f"a StaticKVCache needs cache_position, a tensor of the {T} positions the new tokens take")
-        if cache.batch_size != B:
-            raise ValueError(f"the StaticKVCache holds {cache.batch_size} rows but input_ids has {B}")
-        if attention_mask is not None and attention_mask.shape != (B, cache.max_length):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, cache.max_length)} "
-                "(batch, the static cache's max_length)"
-            )
-        mask = static_attention_mask(attention_mask, cache_position, cache.max_length)
-        return mask, static_position_ids(attention_mask, cache_position, B)
+        contiguous = cache is None or cache.contiguous
+        mask = attention_mask_for(attention_mask, cache_position, key_length, contiguous)
+        return mask, position_ids_for(attention_mask, cache_position, B), cache_position
 
     @torch.no_grad()
     def generate(
@@ -148,8 +146,10 @@ class PicoGPT(nn.Module):
         early_stopping=False, eos_token_id=None, pad_token_id=None, use_cache=True,
         cache_implementation=None (growing cache) or "static", disable_compile=False) update a
         copy of it. Returns (batch * num_return_sequences, prompt + generated) token ids; see
-        `picogpt_lightning.model.generation` for the rules.
+        `picogpt_lightning.generation` for the rules.
         """
+        from picogpt_lightning import generation
+
         return generation.generate(self, input_ids, attention_mask, generation_config, streamer, **kwargs)
 
     def _neftune(self, embeddings: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -188,12 +188,3 @@ class PicoGPT(nn.Module):
         checkpoint.load_weights(model, strict=strict)
         return model
 
-
-def positions_from_mask(
-    attention_mask: Optional[torch.Tensor], batch: int, length: int, past_len: int, device: torch.device
-) -> torch.Tensor:
-    """Position of each new token: its count of real tokens before it, so padding shifts nothing."""
-    if attention_mask is None:
-        return torch.arange(past_len, past_len + length, device=device).expand(batch, length)
-    positions = attention_mask.long().cumsum(dim=-1) - 1
-    return positions.clamp(min=0)[:, past_len:]

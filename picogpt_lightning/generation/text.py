@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from picogpt_lightning.model import PicoGPT
+from picogpt_lightning.errors import UserError
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], device=None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -16,7 +16,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], device=None) -> Tuple[torc
     for number, prompt in enumerate(prompts, start=1):
         ids = tokenizer.encode(prompt)
         if not ids:
-            raise ValueError(f"prompt {number} is empty; give at least one character to continue from")
+            raise UserError(f"prompt {number} is empty; give at least one character to continue from")
         encoded.append(ids)
     # the pad value never reaches the model's outputs (the mask hides it); any valid id will do
     pad = next((token for token in (tokenizer.pad_token_id, tokenizer.eos_token_id) if token is not None), 0)
@@ -45,12 +45,12 @@ def decode_outputs(tokenizer, outputs: torch.Tensor, attention_mask: torch.Tenso
 
 
 def generate_texts(
-    model: PicoGPT, tokenizer, prompts: Sequence[str], generation_config=None, stop_at_eos: bool = True, **options
+    model, tokenizer, prompts: Sequence[str], generation_config=None, stop_at_eos: bool = True, **options
 ) -> List[str]:
     """Continues every prompt in one batch; returns num_return_sequences texts per prompt, prompt by prompt.
 
-    `generation_config` (a transformers.GenerationConfig) and `options` are PicoGPT.generate's;
-    eos and pad ids come from the tokenizer.
+    `model` is a PicoGPT; `generation_config` (a transformers.GenerationConfig) and `options`
+    are its generate's; eos and pad ids come from the tokenizer.
     """
     device = next(model.parameters()).device
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, device)
