@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from picogpt_lightning import PicoGPT, PicoGPTConfig, checkpoints
 from picogpt_lightning.cli import main as cli_main
 from picogpt_lightning.data import InstructionDataModule, PreferenceDataModule, build_tokenizer
-from picogpt_lightning.data.preference import shakespeare_pairs, truncate
-from picogpt_lightning.data.shakespeare import speech_spans, split_point
+from picogpt_lightning.data.pairs import shakespeare_pairs
+from picogpt_lightning.data.splits import speech_spans, split_point
+from picogpt_lightning.data.truncate import truncate
 from picogpt_lightning.modules import LanguageModelModule
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -238,7 +239,7 @@ def sft_cli_args(tmp_path, corpus_path, init_from) -> list:
 
 
 def test_sft_recipe_takes_architecture_and_tokenizer_from_the_checkpoint(tmp_path, corpus_path):
-    from picogpt_lightning.training import run_lightning
+    from picogpt_lightning.lightning_cli import run_lightning
 
     start = tiny_char_checkpoint(tmp_path, corpus_path)
     cli = run_lightning(sft_cli_args(tmp_path, corpus_path, start))

@@ -9,7 +9,7 @@ from conftest import shared_corpus
 from torch.utils.data import DistributedSampler
 
 from picogpt_lightning.data import TinyShakespeareDataModule, build_tokenizer
-from picogpt_lightning.data.shakespeare import LengthGroupedSampler, ResumableSampler
+from picogpt_lightning.data.samplers import LengthGroupedSampler, ResumableSampler
 
 SPEAKER_LINE = re.compile(r"[A-Za-z][^\n]*:\n")  # "First Citizen:\n" opens every turn
 

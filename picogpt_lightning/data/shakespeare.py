@@ -1,38 +1,28 @@
 """Tiny Shakespeare as a LightningDataModule: nanoGPT's random windows, or one sample per speech.
 
-Everything here is a plain map-style dataset. The train loader's sampler shards it across DDP ranks
-itself and can resume part-way through an epoch, so an interrupted run continues with the very
-batches it would have seen (the position travels in checkpoints through ``state_dict``).
+Everything here is a plain map-style dataset. The train loader's sampler (data/samplers.py) shards
+it across DDP ranks itself, so Lightning keeps it instead of injecting a DistributedSampler, and
+can resume part-way through an epoch: an interrupted run continues with the very batches it would
+have seen (the position travels in checkpoints through ``state_dict``).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator, Sequence, Sized
+from collections.abc import Sequence
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from picogpt_lightning.data.base import PicoGPTDataModule, require_loader_options, require_positive_int
 from picogpt_lightning.data.collate import PadCollator
-from picogpt_lightning.data.source import find_corpus
-from picogpt_lightning.data.tokenizer import Tokenizer, build_tokenizer
+from picogpt_lightning.data.samplers import LengthGroupedSampler, ResumableSampler
+from picogpt_lightning.data.source import find_corpus, read_corpus
+from picogpt_lightning.data.splits import speech_spans, split_point
+from picogpt_lightning.errors import UserError
+from picogpt_lightning.tokenizer import Tokenizer, build_tokenizer
 
 MODES = ("blocks", "speeches")
 MAX_VAL_WINDOWS = 2000
-SPEECH_BREAK = re.compile(r"\n\n+")  # the corpus separates speaker turns with blank lines
-
-
-def split_point(text: str, val_fraction: float) -> int:
-    """Index of the first validation character: the first (1 - val_fraction) of the text trains, like nanoGPT."""
-    return int(len(text) * (1 - val_fraction))
-
-
-def speech_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of each speaker turn; a turn keeps its trailing blank line, so the spans tile the text."""
-    starts = [0] + [match.end() for match in SPEECH_BREAK.finditer(text)]
-    starts = [start for start in starts if start < len(text)]
-    return list(zip(starts, starts[1:] + [len(text)]))
 
 
 class TokenWindows(Dataset):
@@ -44,7 +34,7 @@ class TokenWindows(Dataset):
 
     def __init__(self, tokens: torch.Tensor, block_size: int, num_samples: int, generator: torch.Generator):
         if len(tokens) < block_size + 1:
-            raise ValueError(
+            raise UserError(
                 f"a split of {len(tokens)} tokens cannot hold one window of block_size + 1 = {block_size + 1}; "
                 "lower block_size or use a longer corpus"
             )
@@ -90,64 +80,7 @@ class TokenSequences(Dataset):
         return [len(sequence) for sequence in self.sequences]
 
 
-class ResumableSampler(DistributedSampler):
-    """A shuffled order that depends only on ``seed`` and the epoch, sharded across ranks, resumable mid-epoch.
-
-    The order and the sharding are DistributedSampler's (``randperm`` seeded with ``seed + epoch``, rank r
-    taking every ``num_replicas``-th index); being a DistributedSampler, Lightning keeps it under DDP rather
-    than wrapping it in one of its own. ``resume_at(n)`` makes the next pass start after the first n samples
-    of this rank's share: the rest of an interrupted epoch, so a resumed run sees exactly the batches the
-    uninterrupted run would have. ``len`` stays the whole share, as Lightning counts the restored batches.
-    """
-
-    def __init__(self, dataset: Sized, seed: int = 0, num_replicas: int = 1, rank: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.start = 0
-
-    def epoch_order(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(len(self.dataset), generator=generator).tolist()
-
-    def resume_at(self, samples_done: int) -> None:
-        self.start = samples_done
-
-    def __iter__(self) -> Iterator[int]:
-        order = self.epoch_order()
-        while len(order) < self.total_size:  # repeat the start so every rank gets as many (DistributedSampler's rule)
-            order += order[: self.total_size - len(order)]
-        start, self.start = self.start, 0  # only the first pass after a resume starts part-way
-        return iter(order[self.rank : self.total_size : self.num_replicas][start:])
-
-
-class LengthGroupedSampler(ResumableSampler):
-    """Random order in which neighbouring samples have similar lengths, so batches carry little padding.
-
-    Shuffles all indices, cuts them into megabatches of ``megabatch_size * batch_size`` and sorts each
-    megabatch by length (longest first), the idea behind transformers' ``group_by_length``. The order
-    depends only on ``seed`` and the epoch set by ``set_epoch``, so every rank computes the same order
-    and takes its own share of it (neighbours in the order, so a rank's batches stay grouped too).
-    """
-
-    def __init__(
-        self, lengths: Sequence[int], batch_size: int, seed: int = 0, megabatch_size: int = 50,
-        num_replicas: int = 1, rank: int = 0,
-    ):
-        if batch_size < 1 or megabatch_size < 1:
-            raise ValueError(f"batch_size and megabatch_size must be positive, got {batch_size} and {megabatch_size}")
-        super().__init__(lengths, seed=seed, num_replicas=num_replicas, rank=rank)
-        self.lengths = list(lengths)
-        self.group_size = megabatch_size * batch_size * num_replicas
-
-    def epoch_order(self) -> list[int]:
-        order = super().epoch_order()
-        grouped = []
-        for start in range(0, len(order), self.group_size):
-            group = order[start : start + self.group_size]
-            grouped += sorted(group, key=lambda index: self.lengths[index], reverse=True)
-        return grouped
-
-
-class TinyShakespeareDataModule(L.LightningDataModule):
+class TinyShakespeareDataModule(PicoGPTDataModule):
     """Tiny Shakespeare for language modelling, with a char, BPE or Hugging Face tokenizer.
 
     ``mode="blocks"``: windows of ``block_size + 1`` tokens at random offsets, exactly nanoGPT's data.
@@ -177,24 +110,18 @@ class TinyShakespeareDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise UserError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(tokenizer, str) or not tokenizer:
-            raise ValueError(f"tokenizer must be 'char', 'bpe' or a Hugging Face path/id, got {tokenizer!r}")
+            raise UserError(f"tokenizer must be 'char', 'bpe' or a Hugging Face path/id, got {tokenizer!r}")
         if tokenizer == "bpe" and vocab_size is None:
-            raise ValueError("tokenizer='bpe' needs vocab_size (e.g. vocab_size=512) to train to")
+            raise UserError("tokenizer='bpe' needs vocab_size (e.g. vocab_size=512) to train to")
         if tokenizer != "bpe" and vocab_size is not None:
-            raise ValueError(f"vocab_size applies only to tokenizer='bpe'; the {tokenizer!r} vocabulary is fixed")
-        for name, value in [("block_size", block_size), ("batch_size", batch_size)]:
-            _require_positive_int(name, value)
-        for name, value in [("train_samples", train_samples), ("val_samples", val_samples)]:
-            if value is not None:
-                _require_positive_int(name, value)
-        if pad_to_multiple_of is not None:
-            _require_positive_int("pad_to_multiple_of", pad_to_multiple_of)
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
+            raise UserError(f"vocab_size applies only to tokenizer='bpe'; the {tokenizer!r} vocabulary is fixed")
+        require_positive_int("block_size", block_size)
+        for name, value in [("train_samples", train_samples), ("val_samples", val_samples),
+                            ("pad_to_multiple_of", pad_to_multiple_of)]:
+            require_positive_int(name, value, optional=True)
+        require_loader_options(batch_size, num_workers, val_fraction)
         self.save_hyperparameters()
 
         self._text: str | None = None
@@ -208,13 +135,7 @@ class TinyShakespeareDataModule(L.LightningDataModule):
     def text(self) -> str:
         """The whole corpus, read on first use."""
         if self._text is None:
-            path = find_corpus(self.hparams.data_path, cache_dir=self.hparams.cache_dir)
-            try:
-                self._text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"corpus {path} is not UTF-8 text ({err.reason}); convert it to UTF-8") from err
-            if len(self._text) < 2:
-                raise ValueError(f"corpus {path} holds {len(self._text)} characters; point at a real text file")
+            self._text = read_corpus(self.hparams.data_path, cache_dir=self.hparams.cache_dir)
         return self._text
 
     @property
@@ -243,6 +164,14 @@ class TinyShakespeareDataModule(L.LightningDataModule):
     def pad_token_id(self) -> int | None:
         return self.tokenizer.pad_token_id
 
+    def connect_model(self, tokenizer: Tokenizer | None, block_size: int | None) -> None:
+        """Samples longer than the model's block_size would train it on positions past the context it is built for."""
+        if block_size is not None and self.hparams.block_size > block_size:
+            raise UserError(
+                f"the data's block_size ({self.hparams.block_size}) exceeds the model's ({block_size}); "
+                "set both to the same value"
+            )
+
     def prepare_data(self) -> None:
         find_corpus(self.hparams.data_path, cache_dir=self.hparams.cache_dir)  # download once, on one process
 
@@ -253,8 +182,9 @@ class TinyShakespeareDataModule(L.LightningDataModule):
             self.val_dataset = self._build_dataset("val")
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self._require_dataset(self.train_dataset, "train")
+        dataset = self._require(self.train_dataset, "train")
         trainer = self.trainer
+        # the sampler takes this rank's share itself; being a DistributedSampler, Lightning keeps it under DDP
         shard = dict(num_replicas=trainer.world_size, rank=trainer.global_rank) if trainer is not None else {}
         seed, batch_size = self.hparams.seed, self.hparams.batch_size
         if self.hparams.group_by_length:
@@ -286,7 +216,7 @@ class TinyShakespeareDataModule(L.LightningDataModule):
             self._resume_position = (int(state_dict["train_epoch"]), int(state_dict["train_samples_done"]))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._require_dataset(self.val_dataset, "val"), shuffle=False)
+        return self._loader(self._require(self.val_dataset, "val"), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()  # tiny_shakespeare has no separate test split
@@ -319,34 +249,10 @@ class TinyShakespeareDataModule(L.LightningDataModule):
         sequences = [torch.tensor(ids[:limit], dtype=torch.long) for ids in encoded if len(ids) >= 2]
         dataset = TokenSequences(sequences)
         if len(dataset) == 0:
-            raise ValueError(f"the {split} split has no speech of 2 or more tokens; check the corpus and val_fraction")
+            raise UserError(f"the {split} split has no speech of 2 or more tokens; check the corpus and val_fraction")
         return dataset
 
-    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        workers = self.hparams.num_workers
+    def collator(self) -> PadCollator:
         # blocks-mode windows all have block_size tokens; only speeches are bucketed
         multiple = self.hparams.pad_to_multiple_of if self.hparams.mode == "speeches" else None
-        collator = PadCollator(self.pad_token_id, pad_to_multiple_of=multiple, max_length=self.hparams.block_size)
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            collate_fn=collator,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=self._on_cuda(),  # page-locked batches copy to the GPU asynchronously
-            **kwargs,
-        )
-
-    def _on_cuda(self) -> bool:
-        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-
-    @staticmethod
-    def _require_dataset(dataset, split: str):
-        if dataset is None:
-            raise RuntimeError(f"the {split} dataset is not built yet; call setup() first (the Trainer does it)")
-        return dataset
-
-
-def _require_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        return PadCollator(self.pad_token_id, pad_to_multiple_of=multiple, max_length=self.hparams.block_size)

@@ -9,6 +9,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from picogpt_lightning.errors import UserError
+from picogpt_lightning.textfiles import read_text
+
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
 
@@ -18,8 +21,11 @@ CACHE_FILE_NAME = "input.txt"
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
-class DataSourceError(RuntimeError):
-    """The corpus could not be found or fetched; the message is one line that says how to fix it."""
+class DataSourceError(UserError, RuntimeError):
+    """The corpus could not be found or fetched; the message is one line that says how to fix it.
+
+    Also a RuntimeError, as it always was, so code that catches it that way keeps working.
+    """
 
 
 def default_cache_dir() -> Path:
@@ -58,6 +64,15 @@ def find_corpus(
         )
     _download(url, cached, md5)
     return cached
+
+
+def read_corpus(data_path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> str:
+    """The corpus's text, found as ``find_corpus`` finds it; a file that is not UTF-8 text is a one-line error."""
+    path = find_corpus(data_path, cache_dir=cache_dir)
+    text = read_text(path, "corpus")
+    if len(text) < 2:
+        raise UserError(f"corpus {path} holds {len(text)} characters; point at a real text file")
+    return text
 
 
 def _existing_file(path: str | os.PathLike, source: str) -> Path:
