@@ -11,7 +11,7 @@ import yaml
 
 from picogpt_lightning import PicoGPT, PicoGPTConfig
 from picogpt_lightning.cli import main as cli_main
-from picogpt_lightning.data.tokenizer import Tokenizer
+from picogpt_lightning.tokenizer import Tokenizer
 from picogpt_lightning.modules import DistillationModule
 from picogpt_lightning.modules.base import flops_per_token
 
@@ -270,7 +270,7 @@ def test_tokenizer_larger_than_the_teachers_vocabulary_fails_before_training(tmp
 
 
 def test_pipeline_trains_teacher_then_both_students_on_the_teachers_tokenizer(tmp_path, corpus, monkeypatch, capsys):
-    from picogpt_lightning.pipeline import run_pipeline
+    from picogpt_lightning.commands.pipeline import run_pipeline
 
     monkeypatch.setenv("PICOGPT_DATA", str(corpus))
     results, text = run_pipeline(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from picogpt_lightning import PicoGPT, PicoGPTConfig
 from picogpt_lightning.cli import main as cli_main
 from picogpt_lightning.data import Tokenizer
-from picogpt_lightning.data.preference import PromptCompletionCollator
+from picogpt_lightning.data.collate import PromptCompletionCollator
 from picogpt_lightning.losses import dpo_loss, sequence_log_probs
 from picogpt_lightning.modules import DPOModule
 from test_preference_data import tiny_char_checkpoint
@@ -227,7 +227,7 @@ def dpo_cli_args(tmp_path, corpus_path, init_from, *extra) -> list:
 
 @pytest.mark.parametrize("precompute, rpo_alpha", [(False, "1.0"), (True, "null")])
 def test_dpo_recipe_trains_through_the_cli(tmp_path, corpus_path, char_checkpoint, precompute, rpo_alpha):
-    from picogpt_lightning.training import run_lightning
+    from picogpt_lightning.lightning_cli import run_lightning
 
     cli = run_lightning(dpo_cli_args(tmp_path, corpus_path, char_checkpoint,
                                      "--model.init_args.precompute_reference", str(precompute).lower(),

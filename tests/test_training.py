@@ -10,7 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from picogpt_lightning import PicoGPT, PicoGPTConfig
-from picogpt_lightning.training import run_lightning
+from picogpt_lightning.lightning_cli import run_lightning
 from picogpt_lightning.data import Tokenizer
 from picogpt_lightning.modules import LanguageModelModule
 from picogpt_lightning.modules.base import warmup_cosine

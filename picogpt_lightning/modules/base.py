@@ -1,78 +1,41 @@
-"""What every training recipe here shares: optimizer, schedule, logging, checkpoint contents.
+"""What every training recipe here shares: the loop, logging, the optimizer's set-up, checkpoint contents.
 
 Subclasses build `self.model` (the PicoGPT being trained) and implement `compute_losses`;
 the loop, the optimizer and what goes into a checkpoint live here once, and so does the
 handling of a frozen model beside the trained one (a distillation teacher, a DPO reference).
 """
 
-import inspect
 import math
-import warnings
 from typing import Dict, Optional, Tuple
 
 import lightning as L
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch import nn
-from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
-from torch.distributed.tensor import DTensor
 from torchmetrics.text import Perplexity
 
-from picogpt_lightning.callbacks import StepProgressBar
+from picogpt_lightning.callbacks.log_steps import logs_at_step
 from picogpt_lightning.checkpoints import CONFIG_KEY, STATE_DICT_KEY, TOKENIZER_KEY, strip_compile_prefix
-from picogpt_lightning.data.collate import IGNORE_INDEX
-from picogpt_lightning.data.tokenizer import Tokenizer
-from picogpt_lightning.model import PicoGPTConfig
+from picogpt_lightning.errors import UserError
+from picogpt_lightning.losses import IGNORE_INDEX, next_token_loss
+from picogpt_lightning.model.config import PicoGPTConfig
+from picogpt_lightning.modules.data_link import ModelAwareData, attached_datamodule, attached_trainer, data_tokenizer
+from picogpt_lightning.modules.flops import flops_per_token, positions_in_batch, sequences_in_batch
+from picogpt_lightning.modules.optim import adamw, adamw_groups, has_loss_scaler, warmup_cosine, warmup_cosine_schedule
+from picogpt_lightning.modules.sharding import check_data_parallel_mesh, clip_grad_norm, shard_trainable_modules
+from picogpt_lightning.tokenizer import Tokenizer
+
+# configs and scripts name these by their path in this module
+__all__ = [
+    "PicoGPTModule", "flops_per_token", "logs_this_step", "next_token_loss", "positions_in_batch",
+    "sequences_in_batch", "warmup_cosine",
+]
 
 SCHEDULE_LENGTH_KEY = "picogpt_schedule_length"  # the run's learning-rate schedule length, kept on resume
 
-# Warnings no user can act on: a frozen teacher or reference model is in eval mode on purpose
-# (Lightning warns about any at fit start), and recent torch deprecates a check inside Lightning.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
-
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over real tokens; labels are already shifted, -100 marks pads.
-
-    A batch without real tokens gives 0, not NaN, so its share of a step's loss sum is 0.
-    """
-    total = F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
-
-
-def flops_per_token(config: PicoGPTConfig, seq_len: int, training: bool = True) -> int:
-    """Matmul FLOPs one token costs in a sequence of seq_len tokens (PaLM's appendix B, nanoGPT's MFU).
-
-    Forward: 2 FLOPs per weight of every matmul (attention projections, MLP, lm_head; the
-    embedding lookup is no matmul, a tied lm_head is) plus 4 * n_layer * n_embd * seq_len for
-    QK^T and attention-times-V. Backward costs twice the forward, so training is 3x.
-    """
-    head_dims = config.n_head * config.head_size
-    attention = config.n_embd * (config.n_head + 2 * config.n_query_groups) * config.head_size
-    attention += head_dims * config.n_embd
-    mlp = (3 if config.mlp == "swiglu" else 2) * config.n_embd * config.intermediate_size
-    matmul_weights = config.n_layer * (attention + mlp) + config.n_embd * config.vocab_size
-    forward = 2 * matmul_weights + 4 * config.n_layer * head_dims * seq_len
-    return 3 * forward if training else forward
-
-
-# what Lightning's ThroughputMonitor counts: batch_size_fn and length_fn (configs name them by import path)
-def sequences_in_batch(batch: Dict[str, torch.Tensor]) -> int:
-    return batch["input_ids"].shape[0]
-
-
-def positions_in_batch(batch: Dict[str, torch.Tensor]) -> int:
-    """Token positions computed, pads included: counting real tokens would sync the GPU every step."""
-    return batch["input_ids"].numel()
-
-
-def logs_this_step(trainer: Optional["L.Trainer"]) -> bool:
+def logs_this_step(trainer: Optional[L.Trainer]) -> bool:
     """Whether Lightning writes this training step's logged values (every log_every_n_steps).
 
     Values logged on the other steps are dropped unread, yet each `self.log` call costs about a
@@ -81,17 +44,7 @@ def logs_this_step(trainer: Optional["L.Trainer"]) -> bool:
     """
     if trainer is None:
         return True
-    return trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run)
-
-
-def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
-    """Learning-rate multiplier: linear warmup, then cosine from 1 down to min_ratio, then flat."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if step >= decay_steps:
-        return min_ratio
-    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
+    return logs_at_step(trainer, trainer.global_step + 1) or bool(trainer.fast_dev_run)
 
 
 class PicoGPTModule(L.LightningModule):
@@ -110,14 +63,14 @@ class PicoGPTModule(L.LightningModule):
     ):
         super().__init__()
         if learning_rate <= 0 or min_lr < 0 or min_lr > learning_rate:
-            raise ValueError(
+            raise UserError(
                 f"need 0 <= min_lr <= learning_rate and learning_rate > 0, got learning_rate={learning_rate}, "
                 f"min_lr={min_lr}"
             )
         if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+            raise UserError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if not 0 <= weight_decay:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+            raise UserError(f"weight_decay must be >= 0, got {weight_decay}")
         self.config = config
         self.learning_rate = learning_rate
         self.min_lr = min_lr
@@ -177,6 +130,10 @@ class PicoGPTModule(L.LightningModule):
         """How many items the losses of `batch` average over: its real tokens (a per-sequence loss counts sequences)."""
         return (batch["labels"] != IGNORE_INDEX).sum()
 
+    def module_flops_per_token(self, seq_len: int, training: bool) -> int:
+        """FLOPs per token of the trained model; a recipe that also runs a frozen model adds its forward."""
+        return flops_per_token(self.config, seq_len, training)
+
     # ---- the loop ---------------------------------------------------------------------
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
@@ -197,7 +154,7 @@ class PicoGPTModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         losses, _ = self.step_losses(batch)
-        if logs_this_step(self._trainer):
+        if logs_this_step(attached_trainer(self)):
             self._log_losses("train", losses, batch, prog_bar=True, on_step=True, on_epoch=False)
         items = self.loss_items(batch)
         self._step_items = items if self._step_items is None else self._step_items + items
@@ -219,14 +176,6 @@ class PicoGPTModule(L.LightningModule):
         if grads:
             torch._foreach_mul_(grads, scale.to(grads[0].device))
 
-    def configure_callbacks(self):
-        callbacks = []
-        if self.trainer.loggers:  # the learning rate of every step in the logger's charts; it needs a logger
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
-        if type(self.trainer.progress_bar_callback) is RichProgressBar:  # Lightning's default, not a user's own
-            callbacks.append(StepProgressBar())  # replaces it: no "Epoch 0/-2" on max_steps runs
-        return callbacks
-
     # Lightning's ThroughputMonitor reads `flops_per_batch` after each batch to report MFU
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self.flops_per_batch = self._batch_flops(batch, training=True)
@@ -237,10 +186,6 @@ class PicoGPTModule(L.LightningModule):
     def _batch_flops(self, batch, training: bool) -> int:
         batch_size, seq_len = batch["input_ids"].shape  # padded positions cost compute too
         return batch_size * seq_len * self.module_flops_per_token(seq_len, training)
-
-    def module_flops_per_token(self, seq_len: int, training: bool) -> int:
-        """FLOPs per token of the trained model; a recipe that also runs a frozen model adds its forward."""
-        return flops_per_token(self.config, seq_len, training)
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val")
@@ -266,21 +211,14 @@ class PicoGPTModule(L.LightningModule):
     # ---- setup, optimizer, schedule ---------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        if self._trainer is not None and self.trainer.strategy.root_device.type == "cuda":
-            # TF32 tensor cores for the float32 matmuls left outside autocast (fp32 runs, the loss)
-            torch.set_float32_matmul_precision("high")
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data_block_size = getattr(getattr(datamodule, "hparams", None), "block_size", None)
-        if data_block_size is not None and data_block_size > self.config.block_size:
-            raise ValueError(
-                f"the data's block_size ({data_block_size}) exceeds the model's ({self.config.block_size}); "
-                "set both to the same value"
-            )
-        tokenizer = getattr(datamodule, "tokenizer", None)
+        datamodule = attached_datamodule(self)
+        if isinstance(datamodule, ModelAwareData):  # it checks its own block_size against the model's
+            datamodule.connect_model(self.tokenizer, self.config.block_size)
+        tokenizer = data_tokenizer(datamodule)
         if tokenizer is None:
             return
         if tokenizer.vocab_size > self.config.vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{self.config.vocab_size}; set model config vocab_size >= {tokenizer.vocab_size}"
             )
@@ -288,12 +226,7 @@ class PicoGPTModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, parameters sharded as DTensors
-            if self.device_mesh["tensor_parallel"].size() > 1:
-                raise ValueError(
-                    f"ModelParallelStrategy has tensor_parallel_size {self.device_mesh['tensor_parallel'].size()}, "
-                    "but this model shards by FSDP only; set tensor_parallel_size: 1 and data_parallel_size to "
-                    "the number of devices (see configs/fsdp.yaml)"
-                )
+            check_data_parallel_mesh(self.device_mesh)
             shard_trainable_modules(self, self.device_mesh["data_parallel"])
         if self.compile_model and self.compiled_losses is None:
             # compile what a step runs, model and loss, as one graph; the model itself stays as it
@@ -310,34 +243,15 @@ class PicoGPTModule(L.LightningModule):
         clips its shards against the global norm itself.
         """
         algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
-        if not gradient_clip_val or algorithm != GradClipAlgorithmType.NORM or has_loss_scaler(self._trainer):
+        if not gradient_clip_val or algorithm != GradClipAlgorithmType.NORM or has_loss_scaler(self.trainer):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        sharded = self.trainer.strategy.model
-        if isinstance(sharded, FullyShardedDataParallel):
-            sharded.clip_grad_norm_(gradient_clip_val)
-        else:  # one device, DDP, and FSDP2's DTensors, whose norm torch reduces over the shards
-            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        clip_grad_norm(self, self.trainer.strategy.model, gradient_clip_val)
 
     def configure_optimizers(self):
-        matrices = matrix_parameter_ids(self)
-        decay, no_decay = [], []
-        for param in self.parameters():
-            if not param.requires_grad:
-                continue  # frozen teachers and reference models are not optimized
-            # matrices (linear, embedding) decay; gains and biases do not (nanoGPT's rule)
-            (decay if id(param) in matrices else no_decay).append(param)
-        # the names label the groups' learning rates in the logs (LearningRateMonitor)
-        groups = [
-            {"params": decay, "weight_decay": self.weight_decay, "name": "weight_decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_weight_decay"},
-        ]
-        trainer = self._trainer
-        fused = fused_option(decay + no_decay) if fused_adamw_can_clip(trainer) else {}
-        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, **fused)
-        decay_steps = self.schedule_length = self.resolve_schedule_length()
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: warmup_cosine(step, self.warmup_steps, int(decay_steps), self.min_lr / self.learning_rate),
+        optimizer = adamw(adamw_groups(self, self.weight_decay), self.learning_rate, self.betas, attached_trainer(self))
+        self.schedule_length = self.resolve_schedule_length()
+        schedule = warmup_cosine_schedule(
+            optimizer, self.warmup_steps, self.schedule_length, self.min_lr / self.learning_rate
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
 
@@ -345,7 +259,7 @@ class PicoGPTModule(L.LightningModule):
         """Steps of the warmup+cosine schedule: fixed when a run starts and kept when it resumes."""
         length = self.lr_decay_steps or self.trainer.estimated_stepping_batches
         if math.isinf(length):
-            raise ValueError(
+            raise UserError(
                 "the learning-rate schedule needs a length, but this run has no max_steps or max_epochs limit; "
                 "set trainer max_steps or model lr_decay_steps"
             )
@@ -380,63 +294,3 @@ class PicoGPTModule(L.LightningModule):
             checkpoint[STATE_DICT_KEY] = strip_compile_prefix(checkpoint[STATE_DICT_KEY])
         if TOKENIZER_KEY in checkpoint and self.tokenizer is None:
             self.tokenizer = Tokenizer.from_dict(checkpoint[TOKENIZER_KEY])
-
-
-def shard_trainable_modules(module: "PicoGPTModule", mesh) -> None:
-    """FSDP2: one unit per transformer block, then the rest of the trained model as the root unit.
-
-    Other trainable parts (a distillation projection) get their own unit so their gradients are
-    reduced across ranks too; a frozen teacher or reference stays whole on every rank (it has
-    no gradients to reduce). Called again on a model already sharded, it changes nothing.
-    """
-    if isinstance(module.model.lm_head.weight, DTensor):
-        return
-    for block in module.model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(module.model, mesh=mesh)
-    for child in module.children():
-        if child is not module.model and any(param.requires_grad for param in child.parameters()):
-            fully_shard(child, mesh=mesh)
-
-
-FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu")
-
-
-def fused_option(params) -> dict:
-    """fused=True where torch has a fused AdamW kernel for every one of these parameters.
-
-    The kernel needs floating-point tensors on one supported device type. Sharded parameters
-    qualify too: FSDP's flat views are plain tensors and a DTensor reports its local device.
-    """
-    if "fused" not in inspect.signature(torch.optim.AdamW).parameters or not params:
-        return {}
-    device_types = {param.device.type for param in params}
-    supported = len(device_types) == 1 and device_types <= set(FUSED_ADAMW_DEVICES)
-    return {"fused": True} if supported and all(param.is_floating_point() for param in params) else {}
-
-
-def fused_adamw_can_clip(trainer: Optional["L.Trainer"]) -> bool:
-    """False only where gradients are clipped while fp16's loss scaler still holds them scaled.
-
-    A fused step unscales inside itself, after any clipping, so clipping would see scaled
-    gradients; there AdamW runs its foreach kernel, nearly as fast. fp32 and bf16 have no
-    scaler, and `PicoGPTModule.configure_gradient_clipping` clips before the fused step.
-    """
-    if trainer is None or not trainer.gradient_clip_val:
-        return True
-    return not has_loss_scaler(trainer)
-
-
-def has_loss_scaler(trainer: Optional["L.Trainer"]) -> bool:
-    """True under fp16 mixed precision, whose gradients stay scaled until the optimizer step."""
-    return trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
-
-
-def matrix_parameter_ids(module: torch.nn.Module) -> set:
-    """ids of the weights of linear and embedding layers: the parameters that get weight decay.
-
-    Chosen by layer type, not by `param.dim() >= 2`, because FSDP flattens each shard to 1-D.
-    """
-    layers = (torch.nn.Linear, torch.nn.Embedding)
-    return {id(layer.weight) for layer in module.modules() if isinstance(layer, layers)}
-

@@ -12,10 +12,8 @@ teacher's own distribution.
   trained on the same data and is far better than the student can become in the same
   steps; its T = 1 distribution is then the best target there is: everything the one-hot
   label says, plus the near misses, with less noise. Softening (T > 1) or mixing in the
-  labels trades some of that away. On the CPU pipeline (teacher val 1.655, student alone
-  1.914 after 1000 steps) the distilled student scored: T=2 0.5/0.5 (alpha_ce/alpha_kd)
-  1.853; T=1 0.5/0.5 1.843; T=2 0.3/0.7 (DistilBERT's ratio) 1.834; T=2 0/1 1.821;
-  T=1 0/1 1.801.
+  labels trades some of that away: on the CPU pipeline every such mix tried ended at a
+  higher val loss than the defaults (BENCHMARKS.md, distillation).
 - With a weak teacher, or one trained on other data, give the labels a share again
   (alpha_ce > 0) and try T = 2. The T^2 in kd_loss keeps the KD gradient's size the same
   at any T, so the weights need not be retuned when T changes.
@@ -43,9 +41,12 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from picogpt_lightning.losses import default_layer_map, hidden_cosine_loss, kd_loss
+from picogpt_lightning.errors import UserError, first_line
+from picogpt_lightning.losses import IGNORE_INDEX, default_layer_map, hidden_cosine_loss, kd_loss, next_token_loss
 from picogpt_lightning.model import PicoGPT, PicoGPTConfig
-from picogpt_lightning.modules.base import IGNORE_INDEX, PicoGPTModule, flops_per_token, next_token_loss
+from picogpt_lightning.modules.base import PicoGPTModule
+from picogpt_lightning.modules.data_link import attached_datamodule, data_tokenizer
+from picogpt_lightning.modules.flops import flops_per_token
 
 QUANTIZATIONS = ("4bit",)
 
@@ -85,7 +86,7 @@ class DistillationModule(PicoGPTModule):
         self.save_hyperparameters()
         check_weights(temperature, alpha_ce, alpha_kd, alpha_cos)
         if kd_top_k is not None and kd_top_k < 1:
-            raise ValueError(f"kd_top_k must be a positive number of tokens or None (all), got {kd_top_k}")
+            raise UserError(f"kd_top_k must be a positive number of tokens or None (all), got {kd_top_k}")
         self.temperature = temperature
         self.alpha_ce, self.alpha_kd, self.alpha_cos = alpha_ce, alpha_kd, alpha_cos
         self.kd_top_k = kd_top_k
@@ -151,11 +152,10 @@ class DistillationModule(PicoGPTModule):
     # ---- checks before the first step, and checkpoints ---------------------------------
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        tokenizer = getattr(datamodule, "tokenizer", None)
+        tokenizer = data_tokenizer(attached_datamodule(self))
         # only a tokenizer larger than the teacher's vocabulary is wrong; a padded vocabulary is fine
         if tokenizer is not None and tokenizer.vocab_size > self.teacher_vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the teacher's vocabulary has "
                 f"{self.teacher_vocab_size}; tokenize the data with the teacher's tokenizer "
                 f"(data tokenizer: {self.hparams.teacher!r})"
@@ -163,15 +163,14 @@ class DistillationModule(PicoGPTModule):
         super().setup(stage)
 
 
-
 def check_weights(temperature: float, alpha_ce: float, alpha_kd: float, alpha_cos: float) -> None:
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise UserError(f"temperature must be > 0, got {temperature}")
     for name, value in (("alpha_ce", alpha_ce), ("alpha_kd", alpha_kd), ("alpha_cos", alpha_cos)):
         if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+            raise UserError(f"{name} must be >= 0, got {value}")
     if alpha_ce + alpha_kd + alpha_cos == 0:
-        raise ValueError("alpha_ce, alpha_kd and alpha_cos are all 0: nothing to train on; set at least one > 0")
+        raise UserError("alpha_ce, alpha_kd and alpha_cos are all 0: nothing to train on; set at least one > 0")
 
 
 def resolve_layer_map(layer_map: Optional[Dict[int, int]], student_layers: int, teacher_layers: int):
@@ -181,12 +180,12 @@ def resolve_layer_map(layer_map: Optional[Dict[int, int]], student_layers: int, 
     pairs = [(int(s), int(t)) for s, t in dict(layer_map).items()]
     for s, t in pairs:
         if not (0 <= s <= student_layers and 0 <= t <= teacher_layers):
-            raise ValueError(
+            raise UserError(
                 f"layer_map entry {s}: {t} is out of range: the student has hidden states 0..{student_layers}, "
                 f"the teacher 0..{teacher_layers} (0 = embeddings, i = output of block i)"
             )
     if not pairs:
-        raise ValueError("layer_map is empty; map at least one student layer to a teacher layer, or leave it unset")
+        raise UserError("layer_map is empty; map at least one student layer to a teacher layer, or leave it unset")
     return pairs
 
 
@@ -196,10 +195,10 @@ def resolve_layer_map(layer_map: Optional[Dict[int, int]], student_layers: int, 
 def load_teacher(source: str, quantization: Optional[str] = None) -> nn.Module:
     """A PicoGPT from a checkpoint file of this project, else a transformers causal LM."""
     if quantization is not None and quantization not in QUANTIZATIONS:
-        raise ValueError(f"teacher_quantization must be one of {QUANTIZATIONS} or None, got {quantization!r}")
+        raise UserError(f"teacher_quantization must be one of {QUANTIZATIONS} or None, got {quantization!r}")
     if is_picogpt_checkpoint(source):
         if quantization is not None:
-            raise ValueError("teacher_quantization applies to transformers teachers; a PicoGPT checkpoint loads as is")
+            raise UserError("teacher_quantization applies to transformers teachers; a PicoGPT checkpoint loads as is")
         return PicoGPT.from_checkpoint(source)
     from transformers import AutoModelForCausalLM
 
@@ -207,9 +206,8 @@ def load_teacher(source: str, quantization: Optional[str] = None) -> nn.Module:
     try:
         return AutoModelForCausalLM.from_pretrained(source, **options)
     except Exception as error:  # noqa: BLE001 - transformers raises many kinds for "not a model"
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(
-            f"cannot load teacher {source!r} ({reason}); pass a .ckpt of this project, a transformers model "
+        raise UserError(
+            f"cannot load teacher {source!r} ({first_line(error)}); pass a .ckpt of this project, a transformers model "
             "directory, or a hub id while online"
         ) from None
 
@@ -223,7 +221,7 @@ def four_bit_config():
     """NF4 weights with bfloat16 compute (QLoRA's recipe); needs bitsandbytes and a CUDA GPU."""
     if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
         missing = "bitsandbytes" if importlib.util.find_spec("bitsandbytes") is None else "a CUDA GPU"
-        raise ValueError(
+        raise UserError(
             f"teacher_quantization='4bit' needs bitsandbytes and a CUDA GPU, and {missing} is missing; "
             "pip install bitsandbytes on a GPU machine, or drop teacher_quantization"
         )

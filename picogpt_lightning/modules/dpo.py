@@ -28,10 +28,13 @@ from typing import Optional
 import torch
 
 from picogpt_lightning import checkpoints
-from picogpt_lightning.data.tokenizer import Tokenizer
-from picogpt_lightning.losses import check_dpo_options, dpo_loss, sequence_log_probs
+from picogpt_lightning.errors import UserError
+from picogpt_lightning.losses import check_dpo_options, dpo_loss, next_token_loss, sequence_log_probs
 from picogpt_lightning.model import PicoGPT
-from picogpt_lightning.modules.base import PicoGPTModule, flops_per_token, next_token_loss
+from picogpt_lightning.modules.base import PicoGPTModule
+from picogpt_lightning.modules.data_link import IndexedData, attached_datamodule
+from picogpt_lightning.modules.flops import flops_per_token
+from picogpt_lightning.tokenizer import Tokenizer
 
 
 class DPOModule(PicoGPTModule):
@@ -64,7 +67,7 @@ class DPOModule(PicoGPTModule):
     ):
         check_dpo_options(beta, label_smoothing, loss_type)
         if rpo_alpha is not None and not rpo_alpha > 0:
-            raise ValueError(f"rpo_alpha must be > 0, or None to train on the DPO loss alone; got {rpo_alpha}")
+            raise UserError(f"rpo_alpha must be > 0, or None to train on the DPO loss alone; got {rpo_alpha}")
         start = checkpoints.load(init_from)
         super().__init__(start.resolve_config(), **kwargs)
         self.save_hyperparameters()
@@ -83,7 +86,7 @@ class DPOModule(PicoGPTModule):
     def load_reference(self, source) -> PicoGPT:
         reference = PicoGPT.from_checkpoint(source)
         if reference.config.vocab_size != self.config.vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"the reference's vocabulary has {reference.config.vocab_size} tokens but the policy's has "
                 f"{self.config.vocab_size}; pass a reference trained with the policy's tokenizer"
             )
@@ -157,11 +160,11 @@ class DPOModule(PicoGPTModule):
     def precompute_reference(self) -> None:
         if self.reference is not None or self.reference_table.numel() > 0:
             return
-        loaders = getattr(self.trainer.datamodule, "ordered_dataloaders", None)
-        if loaders is None:
-            raise ValueError("precompute_reference needs data with example indices, e.g. PreferenceDataModule")
+        datamodule = attached_datamodule(self)
+        if not isinstance(datamodule, IndexedData):
+            raise UserError("precompute_reference needs data with example indices, e.g. PreferenceDataModule")
         reference = self.load_reference(self.reference_path).to(self.device).eval()
-        loaders = loaders()
+        loaders = datamodule.ordered_dataloaders()
         table = torch.full((sum(len(loader.dataset) for loader in loaders), 2), float("nan"), device=self.device)
         for loader in loaders:
             for batch in loader:

@@ -8,9 +8,11 @@ is learnt, while the prompt still conditions it.
 from typing import Optional
 
 from picogpt_lightning import checkpoints
-from picogpt_lightning.data.tokenizer import Tokenizer
+from picogpt_lightning.errors import UserError
+from picogpt_lightning.losses import next_token_loss
 from picogpt_lightning.model import PicoGPT, PicoGPTConfig
-from picogpt_lightning.modules.base import PicoGPTModule, next_token_loss
+from picogpt_lightning.modules.base import PicoGPTModule
+from picogpt_lightning.tokenizer import Tokenizer
 
 
 class LanguageModelModule(PicoGPTModule):
@@ -27,7 +29,7 @@ class LanguageModelModule(PicoGPTModule):
 
     def __init__(self, config: Optional[PicoGPTConfig] = None, init_from: Optional[str] = None, **kwargs):
         if config is None and init_from is None:
-            raise ValueError("LanguageModelModule needs a model config, or init_from=<checkpoint> to take one from")
+            raise UserError("LanguageModelModule needs a model config, or init_from=<checkpoint> to take one from")
         start = checkpoints.load(init_from) if config is None else None
         super().__init__(config if start is None else start.resolve_config(), **kwargs)
         self.save_hyperparameters()
