@@ -3,7 +3,7 @@
     python -m benchmarks.bench_distill                  # CPU size without a GPU, full size with one
     python -m benchmarks.bench_distill --size cpu
 
-Runs `picogpt_lightning.pipeline.run_pipeline` (the `pipeline` command, what `make demo`
+Runs `picogpt_lightning.commands.pipeline.run_pipeline` (the `pipeline` command, what `make demo`
 runs) in a temporary directory and writes the val losses, the gain from distillation and
 the wall time into BENCHMARKS.md.
 """
@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.report import machine_description, markdown_table, write_section
 from picogpt_lightning.modules import DistillationModule
-from picogpt_lightning.pipeline import run_pipeline
+from picogpt_lightning.commands.pipeline import run_pipeline
 
 LABELS = {"teacher": "teacher", "distill": "student + KD", "student": "student alone"}
 

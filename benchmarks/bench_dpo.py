@@ -24,8 +24,8 @@ from picogpt_lightning.data import PreferenceDataModule, TinyShakespeareDataModu
 from picogpt_lightning.data.source import find_corpus
 from picogpt_lightning.losses import dpo_loss, sequence_log_probs
 from picogpt_lightning.modules.base import next_token_loss
-from picogpt_lightning.text_generation import generate_texts
-from picogpt_lightning.training import run_lightning
+from picogpt_lightning.generation import generate_texts
+from picogpt_lightning.lightning_cli import run_lightning
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DPO_YAML = REPO_ROOT / "configs" / "dpo.yaml"

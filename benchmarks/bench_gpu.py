@@ -63,7 +63,7 @@ SETTING = (
     "configs/pretrain.yaml (nanoGPT's shakespeare_char GPU setting: 6 layers, width 384, block 256, batch 64, "
     "5000 steps, val every 250 steps over 200 batches) with `compile: true`. Wall times count from process "
     "start (compilation included). tokens/s and MFU: medians of PeakFlopsThroughputMonitor (6N + 12 L d T "
-    "FLOPs per token, `flops_per_token` in modules/base.py; dense bf16 peaks from callbacks.py)."
+    "FLOPs per token, `flops_per_token` in modules/flops.py; dense bf16 peaks from callbacks/throughput.py)."
 )
 
 

@@ -21,9 +21,10 @@ import torch
 from benchmarks.report import machine_description, markdown_table, write_section
 from picogpt_lightning import checkpoints
 from picogpt_lightning.data import TinyShakespeareDataModule, find_corpus
-from picogpt_lightning.merge import lerp, merge_checkpoints, slerp
+from picogpt_lightning.commands.merge import merge_checkpoints
 from picogpt_lightning.model import PicoGPT
-from picogpt_lightning.pipeline import CONFIGS, stage_flags, val_loss
+from picogpt_lightning.commands.pipeline import CONFIGS, stage_flags, val_loss
+from picogpt_lightning.merge import lerp, slerp
 
 PRETRAINED = "runs/pretrain_cpu/version_0/checkpoints/last.ckpt"
 HALVES = ("a", "b")
@@ -42,7 +43,7 @@ def write_halves(work: Path) -> dict:
 
 def fine_tune(pretrained: str, data_path: Path, work: Path, half: str, steps: int, learning_rate: float) -> Path:
     """`fit --config configs/pretrain_cpu.yaml` from the pretrained weights, on one half of the corpus."""
-    from picogpt_lightning.training import run_lightning
+    from picogpt_lightning.lightning_cli import run_lightning
 
     out = work / f"finetune_{half}" / "last.ckpt"
     if out.is_file():

@@ -28,9 +28,9 @@ from torch import nn
 from benchmarks.report import machine_description, markdown_table, write_section
 from picogpt_lightning import PicoGPT, checkpoints
 from picogpt_lightning.data import TinyShakespeareDataModule
-from picogpt_lightning.pipeline import val_loss
+from picogpt_lightning.commands.pipeline import val_loss
 from picogpt_lightning.quant import NF4Linear, PackedBitLinear
-from picogpt_lightning.quant.packed_file import quantize_checkpoint
+from picogpt_lightning.commands.quantize import quantize_checkpoint
 
 FP32_CKPT = "runs/pretrain_cpu/version_0/checkpoints/last.ckpt"  # from configs/pretrain_cpu.yaml
 PROMPT_TOKENS = 8

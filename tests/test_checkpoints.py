@@ -11,7 +11,7 @@ import torch
 
 from picogpt_lightning import PicoGPT, PicoGPTConfig, checkpoints
 from picogpt_lightning.cli import main
-from picogpt_lightning.data.tokenizer import Tokenizer, build_tokenizer
+from picogpt_lightning.tokenizer import Tokenizer, build_tokenizer
 from test_cli_generate import TEXT, train_tiny_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -7,9 +7,9 @@ from torch.utils.data import DataLoader
 
 from picogpt_lightning import PicoGPT, PicoGPTConfig
 from picogpt_lightning.cli import main
-from picogpt_lightning.data.tokenizer import Tokenizer, build_tokenizer
+from picogpt_lightning.tokenizer import Tokenizer, build_tokenizer
 from picogpt_lightning.modules import LanguageModelModule
-from picogpt_lightning.text_generation import generate_texts
+from picogpt_lightning.generation import generate_texts
 
 TEXT = "to be, or not to be, that is the question:\nwhether 'tis nobler in the mind to suffer\n" * 4
 

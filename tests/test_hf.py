@@ -132,7 +132,7 @@ def test_legacy_rope_keys_of_a_saved_config_are_honoured_or_refused(tmp_path):
 def test_saved_directory_loads_with_auto_classes(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from picogpt_lightning.data.tokenizer import build_tokenizer
+    from picogpt_lightning.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer("char", "hello world, the quick brown fox!")
     model = tiny_model(vocab_size=tokenizer.vocab_size, n_query_groups=2)

@@ -9,10 +9,10 @@ from torch import nn
 
 from picogpt_lightning import PicoGPT, PicoGPTConfig
 from picogpt_lightning.checkpoints import CheckpointError
-from picogpt_lightning.data.tokenizer import Tokenizer, build_tokenizer
+from picogpt_lightning.tokenizer import Tokenizer, build_tokenizer
 from picogpt_lightning.quant import BitLinear, NF4Linear, PackedBitLinear, pack_bitnet, quantize_nf4
 from picogpt_lightning.quant.bitnet import pack_codes, unpack_codes
-from picogpt_lightning.quant.packed_file import quantize_checkpoint
+from picogpt_lightning.commands.quantize import quantize_checkpoint
 from picogpt_lightning.quant.nf4 import DYNAMIC_CODE, pack_nibbles, unpack_nibbles
 from test_cli_generate import TEXT, run_cli, train_tiny_checkpoint
 
@@ -262,8 +262,8 @@ def test_quantize_refuses_quantized_and_foreign_checkpoints(fp_checkpoint, bitne
 
 
 def test_packed_files_are_refused_for_training_merging_and_export(fp_checkpoint, tmp_path):
-    from picogpt_lightning.hf import export_checkpoint
-    from picogpt_lightning.merge import merge_checkpoints
+    from picogpt_lightning.commands.export import export_checkpoint
+    from picogpt_lightning.commands.merge import merge_checkpoints
     from picogpt_lightning.modules import LanguageModelModule
 
     packed = tmp_path / "nf4.pt"

@@ -190,6 +190,25 @@ def test_cli_errors_are_short(corpus_path, tmp_path):
     assert not any((tmp_path / "runs").glob("tiny/version_*"))  # nothing was created
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--data.init_args.data_path", "missing.txt"],  # the data module, before the Trainer exists
+        ["--trainer.strategy", "no_such_strategy"],  # the Trainer's own construction
+        ["--model.init_args.init_from", "missing.ckpt"],  # the module's setup, after the logger wrote its files
+    ],
+    ids=["data", "trainer", "setup"],
+)
+def test_a_start_that_fails_leaves_no_version_directory(corpus_path, tmp_path, monkeypatch, args):
+    from picogpt_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, corpus_path, max_steps=2, limit_val_batches=0)
+    with pytest.raises((SystemExit, Exception)):
+        main(["fit", "--config", str(config), *args])
+    assert not (tmp_path / "runs").exists()  # the version directory, and the ones made for it
+
+
 def test_runs_started_at_once_get_their_own_version_directories(corpus_path, tmp_path):
     config = write_config(tmp_path, corpus_path, max_steps=2, limit_val_batches=0)
     runs = [subprocess.Popen(fit_command(config), cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL,
@@ -236,7 +255,7 @@ def test_each_architecture_field_mismatch_is_named(tmp_path, field, value):
 
 
 def test_init_from_refuses_a_checkpoint_of_another_tokenizer(corpus_path, tmp_path):
-    from picogpt_lightning.data.tokenizer import build_tokenizer
+    from picogpt_lightning.tokenizer import build_tokenizer
 
     text = corpus_path.read_text(encoding="utf-8")
     other = build_tokenizer("char", text=text.replace("Z", "#"))  # as many characters, one of them another

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from picogpt_lightning.data.tokenizer import Tokenizer, build_tokenizer
+from picogpt_lightning.tokenizer import Tokenizer, build_tokenizer
 
 # nanoGPT's shakespeare_char vocabulary, in id order (its prepare.py prints it)
 NANOGPT_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

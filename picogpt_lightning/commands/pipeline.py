@@ -3,9 +3,10 @@
     python -m picogpt_lightning pipeline               # CPU-sized: minutes on a laptop
     python -m picogpt_lightning pipeline --size full   # configs/teacher, distill, student.yaml as written
 
-Each stage is the ordinary `fit` command on its recipe, so the pipeline runs nothing a user
-could not run by hand. Afterwards the three final checkpoints are scored by one function on
-the same validation windows, and the distilled student writes a sample.
+Each stage is the ordinary `fit` command on its recipe: the recipe's YAML read as data, the
+pipeline's changes laid over it, the result handed to LightningCLI, so the pipeline runs
+nothing a user could not run by hand. Afterwards the three final checkpoints are scored by
+one function on the same validation windows, and the distilled student writes a sample.
 """
 
 import logging
@@ -13,18 +14,23 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import yaml
 
-from picogpt_lightning import checkpoints
-from picogpt_lightning.data.collate import IGNORE_INDEX
-from picogpt_lightning.data.tokenizer import Tokenizer
-from picogpt_lightning.model import PicoGPT
-from picogpt_lightning.modules.base import next_token_loss
+from picogpt_lightning import PicoGPT, checkpoints
+from picogpt_lightning.errors import InputNotFound, UserError
+from picogpt_lightning.losses import IGNORE_INDEX, next_token_loss
+from picogpt_lightning.tokenizer import Tokenizer
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 STAGES = ("teacher", "distill", "student")
+STAGE_TITLES = {
+    "teacher": "training the teacher",
+    "distill": "distilling the student from the teacher",
+    "student": "training the same student alone",
+}
 
 # The CPU size keeps the recipes' shapes and shrinks them: the teacher is nanoGPT's CPU
 # shakespeare_char model (4 layers, width 128, block 64, batch 12), the student keeps its
@@ -54,39 +60,39 @@ def run_pipeline(
     sample_tokens: int = 200,
     progress_bar: bool = True,
 ) -> Tuple[List[StageResult], str]:
-    """Runs the three stages, prints the table of val losses and a sample; returns both."""
-    from picogpt_lightning.training import run_lightning
+    """Train a teacher, distil a student, train the same student alone; print their val losses and a sample.
+
+    Args:
+        size: "cpu" shrinks configs/teacher, distill and student.yaml to run in minutes on a CPU; "full" runs them as written.
+        out_dir: where checkpoints (out_dir/<stage>/last.ckpt) and TensorBoard runs go.
+        teacher_steps: training steps of the teacher (default: 2000 at cpu size, the recipe's at full size).
+        student_steps: training steps of each student, the same for both (default: 1000 at cpu size).
+        prompt: the start of the distilled student's sample.
+        sample_tokens: how many tokens to sample.
+        progress_bar: show Lightning's progress bars.
+    """
+    # Lightning loads only once a stage runs, so `python -m picogpt_lightning --help` starts without it
+    from picogpt_lightning.lightning_cli import run_lightning
 
     if size not in ("cpu", "full"):
-        raise ValueError(f"size must be 'cpu' or 'full', got {size!r}")
+        raise UserError(f"size must be 'cpu' or 'full', got {size!r}")
     for stage in STAGES:
         if not (CONFIGS / f"{stage}.yaml").is_file():
-            raise FileNotFoundError(f"{CONFIGS / stage}.yaml not found; run the pipeline from a checkout of the repo")
+            raise InputNotFound(f"{CONFIGS / stage}.yaml not found; run the pipeline from a checkout of the repo")
     out = Path(out_dir)
-    teacher_checkpoint = str(out / "teacher" / "last.ckpt")
     steps = {
         "teacher": teacher_steps or (CPU_STEPS["teacher"] if size == "cpu" else None),
         "student": student_steps or (CPU_STEPS["student"] if size == "cpu" else None),
     }
-
     for stage in STAGES:
         role = "teacher" if stage == "teacher" else "student"
-        args = ["fit", "--config", str(CONFIGS / f"{stage}.yaml")]
-        args += stage_flags(stage, out, progress_bar)
-        if size == "cpu":
-            args += cpu_flags(role)
-        if steps[role] is not None:
-            args += step_flags(steps[role], batch_size=CPU_DATA["batch_size"] if size == "cpu" else None)
-        if stage != "teacher":  # both students read the teacher's tokenizer: the very same token ids
-            args += ["--data.init_args.tokenizer", teacher_checkpoint]
-        if stage == "distill":
-            args += ["--model.init_args.teacher", teacher_checkpoint]
+        config = stage_config(stage, out, size, steps[role], progress_bar)
         shutil.rmtree(out / stage, ignore_errors=True)  # a leftover last.ckpt would make Lightning write last-v1.ckpt
         length = f"{steps[role]} steps" if steps[role] else "the recipe's steps"
         print(f"\n==> {STAGE_TITLES[stage]}: configs/{stage}.yaml, {length}; checkpoint {out / stage / 'last.ckpt'}, "
               f"TensorBoard logs in {out / 'runs' / stage}", flush=True)
         with lightning_reports_only_warnings():
-            run_lightning(args)
+            run_lightning({"fit": config})
 
     results = [evaluate(stage, out / stage / "last.ckpt") for stage in STAGES]
     text = sample(out / "distill" / "last.ckpt", prompt, sample_tokens)
@@ -94,11 +100,81 @@ def run_pipeline(
     return results, text
 
 
-STAGE_TITLES = {
-    "teacher": "training the teacher",
-    "distill": "distilling the student from the teacher",
-    "student": "training the same student alone",
-}
+# ---- each stage's run: its recipe as data, with the pipeline's changes laid over it ------------
+
+
+def stage_config(stage: str, out: Path, size: str, steps: Optional[int], progress_bar: bool) -> Dict[str, Any]:
+    """configs/<stage>.yaml as LightningCLI's `fit` config, changed for the pipeline."""
+    role = "teacher" if stage == "teacher" else "student"
+    config = yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text(encoding="utf-8"))
+    changes = [stage_overrides(stage, out, progress_bar)]
+    if size == "cpu":
+        changes.append(cpu_overrides(role))
+    if steps is not None:
+        changes.append(step_overrides(steps, batch_size=CPU_DATA["batch_size"] if size == "cpu" else None))
+    teacher_checkpoint = str(out / "teacher" / "last.ckpt")
+    if stage != "teacher":  # both students read the teacher's tokenizer: the very same token ids
+        changes.append({"data": {"init_args": {"tokenizer": teacher_checkpoint}}})
+    if stage == "distill":
+        changes.append({"model": {"init_args": {"teacher": teacher_checkpoint}}})
+    for change in changes:
+        merge_into(config, change)
+    return config
+
+
+def merge_into(config: Dict[str, Any], change: Dict[str, Any]) -> None:
+    """Lays `change` over `config` in place, key by key down nested dicts."""
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            merge_into(config[key], value)
+        else:
+            config[key] = value
+
+
+def stage_overrides(stage: str, out: Path, progress_bar: bool) -> Dict[str, Any]:
+    # the pipeline scores the final weights itself, so each fit skips validation and keeps last.ckpt
+    return {
+        "checkpoint": {"dirpath": str(out / stage), "monitor": None},
+        "trainer": {
+            "limit_val_batches": 0,
+            "logger": {"init_args": {"save_dir": str(out / "runs"), "name": stage}},
+            "enable_progress_bar": progress_bar,
+            "enable_model_summary": False,
+        },
+    }
+
+
+def cpu_overrides(role: str) -> Dict[str, Any]:
+    return {
+        "trainer": {"accelerator": "cpu", "precision": "32-true"},
+        "model": {"init_args": {"config": {"dropout": 0.0, "block_size": CPU_DATA["block_size"], **CPU_MODELS[role]}}},
+        "data": {"init_args": dict(CPU_DATA)},
+    }
+
+
+def step_overrides(steps: int, batch_size: Optional[int]) -> Dict[str, Any]:
+    change: Dict[str, Any] = {"trainer": {"max_steps": steps}, "model": {"init_args": {"lr_decay_steps": steps}}}
+    if steps < 10:  # Lightning warns when a run is shorter than its logging interval
+        change["trainer"]["log_every_n_steps"] = 1
+    if batch_size is not None:  # one fresh window per sample, as many as the run consumes
+        change["data"] = {"init_args": {"train_samples": steps * batch_size}}
+    return change
+
+
+def stage_flags(stage: str, out: Path, progress_bar: bool) -> List[str]:
+    """`stage_overrides` as command-line flags, for a script that prints the command it runs."""
+    return as_flags(stage_overrides(stage, out, progress_bar))
+
+
+def as_flags(change: Dict[str, Any], prefix: str = "") -> List[str]:
+    flags: List[str] = []
+    for key, value in change.items():
+        if isinstance(value, dict):
+            flags += as_flags(value, f"{prefix}{key}.")
+        else:
+            text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+            flags += [f"--{prefix}{key}", text]
+    return flags
 
 
 @contextmanager
@@ -114,39 +190,6 @@ def lightning_reports_only_warnings():
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-
-
-def stage_flags(stage: str, out: Path, progress_bar: bool) -> List[str]:
-    # the pipeline scores the final weights itself, so each fit skips validation and keeps last.ckpt
-    return [
-        "--checkpoint.dirpath", str(out / stage),
-        "--checkpoint.monitor", "null",
-        "--trainer.limit_val_batches", "0",
-        "--trainer.logger.init_args.save_dir", str(out / "runs"),
-        "--trainer.logger.init_args.name", stage,
-        "--trainer.enable_progress_bar", str(progress_bar).lower(),
-        "--trainer.enable_model_summary", "false",
-    ]
-
-
-def cpu_flags(role: str) -> List[str]:
-    flags = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true"]
-    flags += ["--model.init_args.config.dropout", "0.0"]
-    flags += ["--model.init_args.config.block_size", str(CPU_DATA["block_size"])]
-    for name, value in CPU_DATA.items():
-        flags += [f"--data.init_args.{name}", str(value)]
-    for name, value in CPU_MODELS[role].items():
-        flags += [f"--model.init_args.config.{name}", str(value)]
-    return flags
-
-
-def step_flags(steps: int, batch_size: Optional[int]) -> List[str]:
-    flags = ["--trainer.max_steps", str(steps), "--model.init_args.lr_decay_steps", str(steps)]
-    if steps < 10:  # Lightning warns when a run is shorter than its logging interval
-        flags += ["--trainer.log_every_n_steps", "1"]
-    if batch_size is not None:  # one fresh window per sample, as many as the run consumes
-        flags += ["--data.init_args.train_samples", str(steps * batch_size)]
-    return flags
 
 
 # ---- scoring the three models the same way --------------------------------------------
@@ -179,6 +222,7 @@ def val_loss(model: PicoGPT, datamodule) -> float:
 
 
 def sample(checkpoint_path: Path, prompt: str, max_new_tokens: int) -> str:
+    """The model's sampled continuation of `prompt` (temperature 0.8, the 20 likeliest tokens), seeded."""
     checkpoint = checkpoints.load(str(checkpoint_path))
     model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval(), Tokenizer.from_checkpoint(checkpoint)
     torch.manual_seed(1337)
@@ -186,7 +230,7 @@ def sample(checkpoint_path: Path, prompt: str, max_new_tokens: int) -> str:
     target_length = ids.shape[1] + max_new_tokens
     block_size = model.config.block_size
     while ids.shape[1] < target_length:
-        # the model sees at most block_size tokens: continue from the last half block, half a block at a time
+        # generate stops at block_size: past it, continue from the last half block, half a block at a time
         new = min(target_length - ids.shape[1], block_size // 2)
         context = ids[:, -(block_size - new):]
         out = model.generate(context, max_new_tokens=new, do_sample=True, temperature=0.8, top_k=20)

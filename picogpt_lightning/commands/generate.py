@@ -1,0 +1,121 @@
+"""`python -m picogpt_lightning generate`: continue prompts with a checkpoint and print the text."""
+
+import os
+from typing import List, Literal, Optional, Union
+
+import torch
+
+from picogpt_lightning import PicoGPT, checkpoints
+from picogpt_lightning.errors import InputNotFound, UserError
+from picogpt_lightning.generation import encode_prompts, generate_texts, resolve_generation_config
+from picogpt_lightning.textfiles import read_text
+from picogpt_lightning.tokenizer import Tokenizer
+
+
+def generate(
+    ckpt: str,
+    prompt: Optional[str] = None,
+    prompts_file: Optional[str] = None,
+    max_new_tokens: Optional[int] = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    repetition_penalty: float = 1.0,
+    num_beams: int = 1,
+    num_return_sequences: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: Union[bool, Literal["never"]] = False,
+    stop_at_eos: bool = True,
+    seed: int = 1337,
+    stream: bool = True,
+    device: str = "cpu",
+) -> None:
+    """Continue prompts with a trained checkpoint and print the text (streamed when sampling).
+
+    Args:
+        ckpt: a checkpoint written by training (it holds the model config and the tokenizer).
+        prompt: the text to continue; the two characters \\n stand for a newline.
+        prompts_file: a file of prompts, one per line (blank lines skipped), decoded as one batch.
+        max_new_tokens: how many tokens to add at most (default: as many as the model's block_size leaves after the longest prompt).
+        do_sample: sample instead of taking the most likely token (greedy) or the best beams.
+        temperature: divides the logits before sampling (< 1 sharper, > 1 flatter).
+        top_k: sample only among the k most likely tokens (None or 0: all).
+        top_p: sample only among the most likely tokens holding probability top_p (nucleus).
+        repetition_penalty: > 1 discourages tokens already in the text (transformers' rule).
+        num_beams: beam search with this many beams when > 1.
+        num_return_sequences: continuations per prompt (samples, or the best beams).
+        length_penalty: beam score = log-probability / length ** length_penalty.
+        early_stopping: beam search stops when num_beams hypotheses are done (true), when no beam can improve (false), or only at max_new_tokens ("never").
+        stop_at_eos: stop a sequence at the tokenizer's end-of-text token (if it has one).
+        seed: random seed, so samples can be reproduced.
+        stream: print sampled tokens as they come (one prompt at a time, one sequence each).
+        device: "cpu", "cuda" or any torch device.
+    """
+    prompts = read_prompts(prompt, prompts_file)
+    device = check_device(device)
+    checkpoint = checkpoints.load(ckpt)  # read once: weights, config and tokenizer
+    model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval().to(device), Tokenizer.from_checkpoint(checkpoint)
+    if max_new_tokens is None:
+        longest = max(len(tokenizer.encode(text)) for text in prompts)
+        max_new_tokens = max(1, model.config.block_size - longest)  # a prompt too long still gets its one-line error
+    generation_config = resolve_generation_config(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, num_beams=num_beams, num_return_sequences=num_return_sequences,
+        length_penalty=length_penalty, early_stopping=early_stopping,
+    )
+    torch.manual_seed(seed)
+    if stream and do_sample and num_beams == 1 and num_return_sequences == 1:
+        stream_samples(model, tokenizer, prompts, generation_config, stop_at_eos, device)
+        return
+    print_texts(generate_texts(model, tokenizer, prompts, generation_config, stop_at_eos=stop_at_eos))
+
+
+def stream_samples(model, tokenizer, prompts: List[str], generation_config, stop_at_eos: bool, device: torch.device) -> None:
+    """Samples each prompt in turn, printing its tokens as they come."""
+    from transformers import TextStreamer
+
+    eos = tokenizer.eos_token_id if stop_at_eos else None
+    for number, text in enumerate(prompts):
+        if number:
+            print("-" * 40)
+        input_ids, _ = encode_prompts(tokenizer, [text], device)
+        streamer = TextStreamer(tokenizer.hf, skip_special_tokens=True)
+        model.generate(
+            input_ids, generation_config=generation_config, streamer=streamer, eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+
+def print_texts(texts: List[str]) -> None:
+    for number, text in enumerate(texts):
+        if number:
+            print("-" * 40)
+        print(text)
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device `device` names, refused in one line when it is none or not present on this machine."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1, mps, ...") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asks for CUDA, but no CUDA device is available here; use --device cpu")
+    return parsed
+
+
+def read_prompts(prompt: Optional[str], prompts_file: Optional[str]) -> List[str]:
+    """The prompts to continue, `\\n` read as a newline; one-line errors for none, both, or an empty file."""
+    if (prompt is None) == (prompts_file is None):
+        raise UserError("give exactly one of --prompt TEXT or --prompts_file PATH")
+    if prompts_file is not None:
+        if not os.path.isfile(prompts_file):
+            raise InputNotFound(f"prompts file not found: {prompts_file}")
+        lines = read_text(prompts_file, "prompts file").split("\n")
+        prompts = [line.rstrip("\r") for line in lines if line.strip()]
+        if not prompts:
+            raise UserError(f"{prompts_file} holds no prompts; write one prompt per line")
+    else:
+        prompts = [prompt]
+    return [text.replace("\\n", "\n") for text in prompts]
