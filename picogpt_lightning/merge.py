@@ -6,29 +6,31 @@ instead of the chord, so the merged tensor keeps the parents' norm where lerp sh
 
 `t` says how far to go from the first parent (t = 0) to the second (t = 1). It can vary
 across the model like mergekit's "gradients": a list of values is spread linearly over
-the blocks, first value at block 0, last value at the last block. As in mergekit, the
-weights before the blocks (the token embeddings, and with them a tied lm_head) take the
-schedule's first value and those after the blocks (the final norm, an untied lm_head) its
-last. A dict gives each kind of parameter its own schedule: {"attention": ...,
-"mlp": ..., "default": ...}, "default" covering norms, embeddings and any kind left out.
+the blocks, first value at block 0, last value at the last block. As in mergekit 0.1, the
+weights outside the blocks (the token embeddings, the final norm, an untied lm_head) take
+the schedule's first value (mergekit 0.0.x gave the ones after the blocks its last). A dict
+gives each kind of parameter its own schedule: {"attention": ..., "mlp": ..., "default": ...},
+"default" covering norms, embeddings and any kind left out.
+
+The result equals mergekit's slerp of the two exported Hugging Face models tensor for tensor:
+attention's fused qkv matrix is merged as its three parts, q, k and v, each with its own angle,
+as mergekit merges llama's q_proj, k_proj and v_proj.
 """
 
-import os
 import re
-from typing import Dict, Mapping, Sequence, Union
+from typing import Dict, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from picogpt_lightning import checkpoints
-from picogpt_lightning.data.tokenizer import Tokenizer
-from picogpt_lightning.model import PicoGPT
+from picogpt_lightning.errors import UserError
 
 Schedule = Union[float, Sequence[float]]  # one value, or a gradient over the blocks
 MergeSchedule = Union[Schedule, Mapping[str, Schedule]]  # or one of those per parameter kind
 KINDS = ("attention", "mlp", "default")
 BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 KIND_OF_MODULE = {"attn": "attention", "mlp": "mlp"}  # a Block's attribute -> the kind of its parameters
+FUSED_QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
 
 
 # Written out rather than imported: mergekit merges Hugging Face model directories through its own
@@ -42,9 +44,9 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     close to 0, fall back to (1 - t) v0 + t v1. Computed in float32, returned in v0's dtype.
     """
     if v0.shape != v1.shape:
-        raise ValueError(f"slerp needs tensors of one shape, got {tuple(v0.shape)} and {tuple(v1.shape)}")
+        raise UserError(f"slerp needs tensors of one shape, got {tuple(v0.shape)} and {tuple(v1.shape)}")
     if not (v0.is_floating_point() and v1.is_floating_point()):
-        raise ValueError(f"slerp interpolates floating-point tensors, got {v0.dtype} and {v1.dtype}")
+        raise UserError(f"slerp interpolates floating-point tensors, got {v0.dtype} and {v1.dtype}")
     a, b = v0.float(), v1.float()
     dot = torch.sum(normalized(a, eps) * normalized(b, eps))
     if dot.abs() > dot_threshold:
@@ -78,20 +80,35 @@ def slerp_state_dicts(
     check_schedule(t)
     if a.keys() != b.keys():
         differing = sorted(a.keys() ^ b.keys())
-        raise ValueError(f"the state dicts hold different parameters ({', '.join(differing[:5])}); merge models of one architecture")
+        raise UserError(f"the state dicts hold different parameters ({', '.join(differing[:5])}); merge models of one architecture")
     positions = depth_positions(list(a))
     merged: Dict[str, torch.Tensor] = {}
     for name, tensor in a.items():
         tied_to = next((done for done in merged if shares_storage(a[done], tensor)), None)
         if tied_to is not None:
             if not shares_storage(b[tied_to], b[name]):
-                raise ValueError(f"{name} is tied to {tied_to} in the first model but not in the second; merge models of one architecture")
+                raise UserError(f"{name} is tied to {tied_to} in the first model but not in the second; merge models of one architecture")
             merged[name] = merged[tied_to]
             continue
         if tensor.shape != b[name].shape:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)} in one model and {tuple(b[name].shape)} in the other")
-        merged[name] = interpolate(t_for(name, positions[name], t), tensor, b[name])
+            raise UserError(f"{name} has shape {tuple(tensor.shape)} in one model and {tuple(b[name].shape)} in the other")
+        value = t_for(name, positions[name], t)
+        if FUSED_QKV.match(name):
+            widths = qkv_widths(a, name)
+            parts = zip(tensor.split(widths, dim=0), b[name].split(widths, dim=0))
+            merged[name] = torch.cat([interpolate(value, part_a, part_b) for part_a, part_b in parts], dim=0)
+        else:
+            merged[name] = interpolate(value, tensor, b[name])
     return merged
+
+
+def qkv_widths(state_dict: Mapping[str, torch.Tensor], qkv_name: str) -> Tuple[int, int, int]:
+    """The rows of q, k and v in a block's fused projection, read off the shapes: the output
+    projection takes n_head * head_size inputs, and k and v share the remaining rows equally."""
+    attention = qkv_name.rsplit("qkv.", 1)[0]
+    query_width = state_dict[attention + "proj.weight"].shape[1]
+    key_width = (state_dict[qkv_name].shape[0] - query_width) // 2
+    return query_width, key_width, key_width
 
 
 def t_for(name: str, position: float, t: MergeSchedule) -> float:
@@ -113,22 +130,14 @@ def parameter_kind(name: str) -> str:
 
 
 def depth_positions(names: Sequence[str]) -> Dict[str, float]:
-    """Each parameter's place in the schedule, as mergekit places them: block i of n at i / (n - 1)
-    (a single block at 1), weights before the blocks at 0 and weights after them at 1.
-
-    A state dict lists parameters in the order the model registers them, which is the order
-    they compute in (embeddings, blocks, final norm, lm_head), so "before" means "listed before".
-    """
+    """Each parameter's place in the schedule, as mergekit 0.1 places them: block i of n at
+    i / (n - 1) (a single block at 1), every weight outside the blocks at 0."""
     blocks = [int(match.group(1)) for match in map(BLOCK_KEY.match, names) if match]
     last_block = max(blocks, default=0)
-    positions, seen_block = {}, False
+    positions = {}
     for name in names:
         match = BLOCK_KEY.match(name)
-        if match:
-            seen_block = True
-            positions[name] = int(match.group(1)) / last_block if last_block else 1.0
-        else:
-            positions[name] = 1.0 if seen_block else 0.0
+        positions[name] = (int(match.group(1)) / last_block if last_block else 1.0) if match else 0.0
     return positions
 
 
@@ -141,9 +150,9 @@ def check_schedule(t: MergeSchedule) -> None:
     if isinstance(t, Mapping):
         unknown = sorted(set(t) - set(KINDS))
         if unknown:
-            raise ValueError(f"unknown parameter kind(s) {unknown} in t; use the keys {list(KINDS)}")
+            raise UserError(f"unknown parameter kind(s) {unknown} in t; use the keys {list(KINDS)}")
         if "default" not in t:
-            raise ValueError(f"a per-kind t needs a 'default' entry for norms and embeddings, got keys {sorted(t)}")
+            raise UserError(f"a per-kind t needs a 'default' entry for norms and embeddings, got keys {sorted(t)}")
         for kind, schedule in t.items():
             check_values(schedule, f"t[{kind!r}]")
     else:
@@ -153,38 +162,7 @@ def check_schedule(t: MergeSchedule) -> None:
 def check_values(schedule: Schedule, label: str) -> None:
     values = [schedule] if isinstance(schedule, (int, float)) and not isinstance(schedule, bool) else schedule
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-        raise ValueError(f"{label} must be a number in [0, 1] or a non-empty list of them, got {schedule!r}")
+        raise UserError(f"{label} must be a number in [0, 1] or a non-empty list of them, got {schedule!r}")
     for value in values:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"{label} must hold numbers in [0, 1] (0 = first model, 1 = second), got {value!r}")
-
-
-def merge_checkpoints(path_a: str, path_b: str, out: str, t: MergeSchedule, overwrite: bool = False,
-                      interpolate=slerp) -> None:
-    """Reads two checkpoints of one architecture and tokenizer, merges them and writes the result.
-
-    The file holds the model config, the tokenizer and the merged weights (`checkpoints.save`),
-    so `generate`, `export` and `fit --model.init_args.init_from` read it.
-    """
-    check_schedule(t)  # before reading two files
-    if os.path.exists(out) and not overwrite:
-        raise ValueError(f"{out} already exists; pass --overwrite true to replace it or choose another --out")
-    first, second = checkpoints.load(path_a), checkpoints.load(path_b)
-    for checkpoint in (first, second):
-        checkpoints.require_unquantized(checkpoint, "merging (interpolating packed codes is meaningless)")
-    config = first.resolve_config()
-    second_config = second.resolve_config()
-    differences = checkpoints.architecture_differences(config, second_config)
-    if differences:
-        listed = ", ".join(f"{name} {x!r} vs {y!r}" for name, (x, y) in differences.items())
-        raise checkpoints.CheckpointError(f"cannot merge {path_a} and {path_b}: their architectures differ ({listed})")
-    tokenizer_dict = first.require_tokenizer_dict()
-    if second.require_tokenizer_dict() != tokenizer_dict:
-        raise checkpoints.CheckpointError(
-            f"cannot merge {path_a} and {path_b}: they use different tokenizers, so the same id means different text"
-        )
-    model = PicoGPT(config)
-    for checkpoint in (first, second):  # a one-line error for weights that do not fit their own config
-        checkpoint.load_weights(model)
-    model.load_state_dict(slerp_state_dicts(first.state_dict, second.state_dict, t, interpolate))
-    checkpoints.save(out, model, Tokenizer.from_dict(tokenizer_dict), merged_from=[path_a, path_b], merge_t=t)
+            raise UserError(f"{label} must hold numbers in [0, 1] (0 = first model, 1 = second), got {value!r}")

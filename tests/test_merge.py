@@ -9,7 +9,7 @@ import torch
 
 from picogpt_lightning import PicoGPT, PicoGPTConfig, checkpoints
 from picogpt_lightning.cli import main
-from picogpt_lightning.data.tokenizer import Tokenizer, build_tokenizer
+from picogpt_lightning.tokenizer import Tokenizer, build_tokenizer
 from picogpt_lightning.merge import lerp, slerp, slerp_state_dicts
 from picogpt_lightning.modules import LanguageModelModule
 from test_cli_generate import TEXT, train_tiny_checkpoint
@@ -88,10 +88,15 @@ def test_a_list_is_spread_linearly_over_the_blocks():
     a, b = first.state_dict(), second.state_dict()
     merged = slerp_state_dicts(a, b, [0.0, 0.6, 0.3])  # points at 0, 1/2, 1: t = 0, 0.4, 0.5, 0.3 for blocks 0..3
     for block, expected_t in enumerate([0.0, 0.4, 0.5, 0.3]):
-        for name in (f"blocks.{block}.attn.qkv.weight", f"blocks.{block}.mlp.down_proj.weight", f"blocks.{block}.attn_norm.weight"):
+        for name in (f"blocks.{block}.mlp.down_proj.weight", f"blocks.{block}.attn_norm.weight"):
             torch.testing.assert_close(merged[name], slerp_by_hand(expected_t, a[name], b[name]).float(), rtol=1e-5, atol=1e-6)
-    assert torch.equal(merged["tok_embeddings.weight"], a["tok_embeddings.weight"])  # before the blocks: first value
-    torch.testing.assert_close(merged["norm.weight"], slerp(0.3, a["norm.weight"], b["norm.weight"]))  # after: last
+        # the fused projection as mergekit merges llama's q_proj, k_proj and v_proj: each with its own angle
+        qkv = f"blocks.{block}.attn.qkv.weight"
+        parts = [slerp_by_hand(expected_t, x, y).float() for x, y in zip(a[qkv].chunk(3), b[qkv].chunk(3))]
+        torch.testing.assert_close(merged[qkv], torch.cat(parts), rtol=1e-5, atol=1e-6)
+    # outside the blocks, before or after them, the first value (mergekit 0.1)
+    assert torch.equal(merged["tok_embeddings.weight"], a["tok_embeddings.weight"])
+    assert torch.equal(merged["norm.weight"], a["norm.weight"])
 
 
 def test_each_parameter_kind_can_have_its_own_schedule():
@@ -114,7 +119,7 @@ def test_tied_weights_stay_tied_and_untied_ones_merge_apart():
     a, b = first.state_dict(), second.state_dict()
     merged = slerp_state_dicts(a, b, [0.2, 0.7])
     torch.testing.assert_close(merged["tok_embeddings.weight"], slerp(0.2, a["tok_embeddings.weight"], b["tok_embeddings.weight"]))
-    torch.testing.assert_close(merged["lm_head.weight"], slerp(0.7, a["lm_head.weight"], b["lm_head.weight"]))
+    torch.testing.assert_close(merged["lm_head.weight"], slerp(0.2, a["lm_head.weight"], b["lm_head.weight"]))  # first value
 
 
 @pytest.mark.parametrize(
