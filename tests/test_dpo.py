@@ -296,3 +296,27 @@ def test_rpo_alpha_adds_the_next_token_loss_on_the_chosen_completions(tmp_path):
     assert with_nll["loss"].item() == pytest.approx(dpo_only["loss"].item() + 0.5 * nll.item(), rel=1e-5)
     with pytest.raises(ValueError, match="rpo_alpha must be > 0"):
         DPOModule(init_from=start, rpo_alpha=0.0)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+def test_logged_rewards_follow_the_named_convention(tmp_path, loss_type):
+    """rewards = beta * (policy - reference) of the log-probs the loss reads: summed over the
+    completion's tokens for sigmoid and hinge, averaged for ipo (trl 0.28's convention)."""
+    beta = 0.3
+    module = DPOModule(init_from=tiny_checkpoint(tmp_path), reference=tiny_checkpoint(tmp_path, seed=1, name="ref.pt"),
+                       beta=beta, loss_type=loss_type).eval()
+    batch = preference_batch()
+    losses, _ = module.compute_losses(batch)
+    policy, reference = PicoGPT.from_checkpoint(tmp_path / "start.pt").eval(), PicoGPT.from_checkpoint(tmp_path / "ref.pt").eval()
+
+    def completion_logps(model, row):
+        logits = model(batch["input_ids"]).logits[row]
+        real = batch["labels"][row] != -100
+        token_logps = F.log_softmax(logits, -1)[real].gather(-1, batch["labels"][row][real, None])
+        return token_logps.mean() if loss_type == "ipo" else token_logps.sum()
+
+    with torch.no_grad():
+        chosen = [beta * (completion_logps(policy, r) - completion_logps(reference, r)) for r in (0, 1)]
+        rejected = [beta * (completion_logps(policy, r) - completion_logps(reference, r)) for r in (2, 3)]
+    assert losses["rewards/chosen"].item() == pytest.approx(torch.stack(chosen).mean().item(), abs=1e-5)
+    assert losses["rewards/rejected"].item() == pytest.approx(torch.stack(rejected).mean().item(), abs=1e-5)
