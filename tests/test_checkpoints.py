@@ -12,17 +12,13 @@ import torch
 from picogpt_lightning import PicoGPT, PicoGPTConfig, checkpoints
 from picogpt_lightning.cli import main
 from picogpt_lightning.tokenizer import Tokenizer, build_tokenizer
+from factories import tiny_config
 from test_cli_generate import TEXT, train_tiny_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = REPO_ROOT / "picogpt_lightning"
 
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
-
-
-def tiny_config(**overrides) -> PicoGPTConfig:
-    values = dict(vocab_size=40, block_size=32, n_layer=2, n_embd=32, n_head=4, n_query_groups=2)
-    return PicoGPTConfig(**{**values, **overrides})
 
 
 def logits_of(model: PicoGPT) -> torch.Tensor:

@@ -6,17 +6,15 @@ import torch
 from picogpt_lightning import PicoGPT, PicoGPTConfig
 from picogpt_lightning.hf import from_hf, save_pretrained, to_hf
 
+import factories
+from factories import randomize
+
 TINY = dict(vocab_size=48, block_size=32, n_layer=2, n_embd=32, n_head=4)
 
 
 def tiny_model(**overrides) -> PicoGPT:
-    torch.manual_seed(0)
-    model = PicoGPT(PicoGPTConfig(**{**TINY, **overrides})).eval()
-    with torch.no_grad():  # trained-looking norms: a gain of exactly 1 would hide a swapped norm
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                param.uniform_(0.5, 1.5)
-    return model
+    # trained-looking norms: a gain of exactly 1 would hide a swapped norm
+    return randomize(factories.tiny_model(**{**TINY, "n_query_groups": None, **overrides}), only_norms_and_biases=True)
 
 
 def padded_batch():

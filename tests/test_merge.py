@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from picogpt_lightning import PicoGPT, PicoGPTConfig, checkpoints
+from picogpt_lightning import PicoGPT, checkpoints
 from picogpt_lightning.cli import main
 from picogpt_lightning.tokenizer import Tokenizer, build_tokenizer
 from picogpt_lightning.merge import lerp, slerp, slerp_state_dicts
 from picogpt_lightning.modules import LanguageModelModule
+from factories import randomize, tiny_model
 from test_cli_generate import TEXT, train_tiny_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,21 +67,12 @@ def test_unit_vectors_stay_unit_where_lerp_shrinks_them():
 # ---- whole models --------------------------------------------------------------------------
 
 
-def tiny_config(**overrides) -> PicoGPTConfig:
-    return PicoGPTConfig(**{**dict(vocab_size=30, block_size=16, n_layer=4, n_embd=16, n_head=2), **overrides})
+MERGE_SIZE = dict(vocab_size=30, block_size=16, n_layer=4, n_embd=16, n_head=2, n_query_groups=None)
 
 
 def two_models(**overrides):
     """Two models of one architecture with every weight random, norm gains included (they start at 1)."""
-    models = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        model = PicoGPT(tiny_config(**overrides))
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.normal_()
-        models.append(model)
-    return models
+    return [randomize(tiny_model(seed, **{**MERGE_SIZE, **overrides})) for seed in (1, 2)]
 
 
 def test_a_list_is_spread_linearly_over_the_blocks():

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from picogpt_lightning import PicoGPT, PicoGPTConfig
+from picogpt_lightning import PicoGPT
 from picogpt_lightning.hf import llama_state_dict, save_pretrained
 from picogpt_lightning.merge import slerp_state_dicts
+
+from factories import randomize, tiny_model
 
 mergekit_merge = pytest.importorskip("mergekit.merge", reason="mergekit is not installed")
 from mergekit.config import MergeConfiguration  # noqa: E402
@@ -16,15 +18,7 @@ N_LAYER = 4
 
 def random_parent(seed: int, tie_weights: bool) -> PicoGPT:
     """A model whose every weight is random (norm gains too), so no tensor pair is near-parallel by accident."""
-    torch.manual_seed(seed)
-    config = PicoGPTConfig(
-        vocab_size=40, block_size=16, n_layer=N_LAYER, n_embd=32, n_head=4, n_query_groups=2, tie_weights=tie_weights
-    )
-    model = PicoGPT(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_()
-    return model
+    return randomize(tiny_model(seed, block_size=16, n_layer=N_LAYER, tie_weights=tie_weights))
 
 
 def mergekit_slerp(dir_a, dir_b, out, t) -> dict:

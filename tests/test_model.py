@@ -9,16 +9,15 @@ import torch.nn.functional as F
 from picogpt_lightning import PicoGPT, PicoGPTConfig
 from picogpt_lightning.model.attention import apply_rotary
 
+import factories
+
 
 def tiny_config(**overrides) -> PicoGPTConfig:
-    values = dict(vocab_size=50, block_size=32, n_layer=2, n_embd=32, n_head=4, n_query_groups=2)
-    values.update(overrides)
-    return PicoGPTConfig(**values)
+    return factories.tiny_config(**{"vocab_size": 50, **overrides})
 
 
 def tiny_model(**overrides) -> PicoGPT:
-    torch.manual_seed(0)
-    return PicoGPT(tiny_config(**overrides)).eval()
+    return factories.tiny_model(**{"vocab_size": 50, **overrides})
 
 
 # ---- attention written out by hand ------------------------------------------------------

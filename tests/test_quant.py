@@ -14,6 +14,7 @@ from picogpt_lightning.quant import BitLinear, NF4Linear, PackedBitLinear, pack_
 from picogpt_lightning.quant.bitnet import pack_codes, unpack_codes
 from picogpt_lightning.commands.quantize import quantize_checkpoint
 from picogpt_lightning.quant.nf4 import DYNAMIC_CODE, pack_nibbles, unpack_nibbles
+from factories import tiny_config
 from test_cli_generate import TEXT, run_cli, train_tiny_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
@@ -31,10 +32,6 @@ def linear_with(weight: torch.Tensor, bias: bool = False) -> nn.Linear:
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias)
     layer.weight.data.copy_(weight)
     return layer
-
-
-def tiny_config(**overrides) -> PicoGPTConfig:
-    return PicoGPTConfig(**{**dict(vocab_size=40, block_size=32, n_layer=2, n_embd=32, n_head=4, n_query_groups=2), **overrides})
 
 
 # ---- NF4 -----------------------------------------------------------------------------------

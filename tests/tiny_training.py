@@ -11,14 +11,14 @@ from picogpt_lightning.data.collate import IGNORE_INDEX
 from picogpt_lightning.model import PicoGPT, PicoGPTConfig
 from picogpt_lightning.modules import DistillationModule, LanguageModelModule
 
+import factories
+
 SEED = 1337
 BLOCK_SIZE = 32
 
 
 def tiny_config(**overrides) -> PicoGPTConfig:
-    values = dict(vocab_size=65, block_size=BLOCK_SIZE, n_layer=2, n_embd=32, n_head=4, n_query_groups=2)
-    values.update(overrides)
-    return PicoGPTConfig(**values)
+    return factories.tiny_config(**{"vocab_size": 65, "block_size": BLOCK_SIZE, **overrides})
 
 
 def tiny_datamodule(corpus_path, batch_size: int, train_samples: int = 256) -> TinyShakespeareDataModule:
