@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from picogpt_lightning import PicoGPT, PicoGPTConfig, checkpoints
+from picogpt_lightning import PicoGPT, checkpoints
 from picogpt_lightning.cli import main
 from picogpt_lightning.tokenizer import Tokenizer, build_tokenizer
 from factories import tiny_config

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from picogpt_lightning import PicoGPT, PicoGPTConfig
+from picogpt_lightning import PicoGPT
 from picogpt_lightning.hf import from_hf, save_pretrained, to_hf
 
 import factories
