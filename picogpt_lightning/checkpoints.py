@@ -142,7 +142,9 @@ def require_training_state(path) -> None:
     if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
         return
     contents = read_file(os.fspath(path), mmap=True)  # mapped: the weights themselves are not read
-    if isinstance(contents, dict) and LIGHTNING_VERSION_KEY not in contents:
+    if not isinstance(contents, dict):
+        raise CheckpointError(f"{path} holds a {type(contents).__name__}, not a checkpoint of this project")
+    if LIGHTNING_VERSION_KEY not in contents:
         raise CheckpointError(
             f"{path} holds weights only (written by PicoGPT.save or the merge command), not a Lightning training "
             f"state to resume; start from its weights with --model.init_args.init_from {path} instead of --ckpt_path"
@@ -288,8 +290,7 @@ def write_atomically(path: str, write) -> None:
 
 
 class RecordingWriter:
-    """A file whose `write` remembers the OSError it raised: torch.save turns it into a RuntimeError
-    ("unexpected pos ...") that no longer says the disk is full."""
+    """A file whose `write` remembers its OSError, which torch.save turns into a RuntimeError ("unexpected pos")."""
 
     def __init__(self, file):
         self.file, self.error = file, None
@@ -306,7 +307,7 @@ class RecordingWriter:
 
 
 def remove_stale_temporaries(path: str) -> None:
-    """Removes the temporary files of `path` whose writing process is gone (SIGKILLed mid-write)."""
+    """Removes `path`'s temporary files whose writer (a pid on this machine) is gone: SIGKILLed mid-write."""
     directory, name = os.path.split(os.path.abspath(path))
     pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[^.]+\.tmp")
     for entry in os.listdir(directory):
@@ -318,7 +319,7 @@ def remove_stale_temporaries(path: str) -> None:
 
 def process_running(pid: int) -> bool:
     try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process exists; PermissionError: it does, another user's
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists (PermissionError: another user's)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -328,12 +329,10 @@ def process_running(pid: int) -> bool:
 
 def sync_directory(directory: str) -> None:
     """fsyncs a directory, so a rename in it survives a power loss; filesystems that cannot are skipped."""
+    descriptor = os.open(directory, os.O_RDONLY)
     with contextlib.suppress(OSError):
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        os.fsync(descriptor)
+    os.close(descriptor)
 
 
 def file_mode() -> int:

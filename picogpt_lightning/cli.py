@@ -22,6 +22,7 @@ from picogpt_lightning.commands.merge import merge
 from picogpt_lightning.commands.pipeline import run_pipeline
 from picogpt_lightning.commands.quantize import quantize
 from picogpt_lightning.errors import UserError, first_line
+from picogpt_lightning.textfiles import config_paths, read_text
 
 LIGHTNING_SUBCOMMANDS = {
     "fit": "train a model (python -m picogpt_lightning fit --config configs/pretrain_cpu.yaml)",
@@ -41,6 +42,8 @@ COMMANDS: Dict[str, Callable] = {
 def run_command(name: str, args: List[str]) -> None:
     from jsonargparse import CLI
 
+    for path in config_paths(args):  # jsonargparse's UnicodeDecodeError names neither the file nor the fix
+        read_text(path, "config")
     CLI(COMMANDS[name], args=args, prog=f"python -m picogpt_lightning {name}", as_positional=False)
 
 

@@ -16,6 +16,7 @@ import shlex
 import shutil
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional, Union
 from unittest.mock import patch
@@ -34,8 +35,11 @@ from picogpt_lightning.checkpoint_io import AtomicSaveConfigCallback, with_atomi
 from picogpt_lightning.callbacks import (
     InterruptCheckpoint, LastCheckpoint, NonFiniteLossCheck, RandomStateCheckpoint, add_run_callbacks,
 )
+from picogpt_lightning.callbacks import stop_signals
 from picogpt_lightning.errors import InputNotFound, UserError, first_line
 from picogpt_lightning.modules import PicoGPTModule
+from picogpt_lightning.textfiles import config_paths, read_text
+from picogpt_lightning.trainer_checks import check_stage_data, check_trainer_arguments, refusals_in_one_line
 
 PROG = "python -m picogpt_lightning"
 RunArgs = Union[List[str], dict]  # a command line after the program name, or a config as data
@@ -101,6 +105,7 @@ class PicoGPTCLI(LightningCLI):
             self.config.fit.ckpt_path = resume.resolve_last(self.config.fit.get("ckpt_path"), self.config.fit.trainer.get("logger"))
         if subcommand is not None:  # before LightningCLI reads the file's hyperparameters (a raw torch.load)
             check_ckpt_path(self.config[subcommand].get("ckpt_path"))
+            check_trainer_arguments(subcommand, self.config[subcommand].get("trainer") or {})  # out of range: one line
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI's own: it replaces the command's model arguments with the checkpoint's. A resumed fit
@@ -116,6 +121,7 @@ class PicoGPTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         check_vocab_size(self.given_vocab_size, self.datamodule)  # before the Trainer exists: the error is all the user sees
+        check_stage_data(self.subcommand, self.datamodule, self.model)  # validate/test/predict: their loader
         if self.subcommand == "fit":  # the same settings as the checkpoint's, or one line naming each difference
             resume.check_resume(self.config.fit.get("ckpt_path"), self.model, self.datamodule)
         try:
@@ -126,10 +132,15 @@ class PicoGPTCLI(LightningCLI):
         except (ValueError, MisconfigurationException) as error:  # the Trainer refusing its own arguments
             raise CommandLineError(f"trainer: {first_line(error)}") from error
         add_run_callbacks(trainer)  # the learning-rate chart and the step progress bar
+        stop_signals.forward_to_launched_ranks(trainer)  # a SIGTERM stops the DDP ranks it starts too
         if trainer.strategy.root_device.type == "cuda":
             # TF32 tensor cores for the float32 matmuls left outside autocast (fp32 runs, the loss)
             torch.set_float32_matmul_precision("high")
         return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        with refusals_in_one_line():  # Lightning refuses some arguments only once the stage runs
+            super()._run_subcommand(subcommand)
 
     def before_fit(self) -> None:
         for callback in self.trainer.callbacks:
@@ -152,12 +163,13 @@ class PicoGPTCLI(LightningCLI):
         return f"{PROG} {shlex.join(args + ['--ckpt_path', ckpt_path])}"
 
 
+@stop_signals.exits_on_signals()  # from its first line: a signal in any phase exits 128 + the signal (callbacks/stop_signals.py)
 def run_lightning(args: RunArgs) -> LightningCLI:
     """Runs LightningCLI on `args` and returns it (.model, .trainer).
 
     `args` is a command line without the program name (["fit", "--config", ...]), or, as
     LightningCLI takes it, a subcommand's config as data: {"fit": {"model": ..., "data": ..., "trainer": ...}}.
-    After an interruption (SIGTERM, SIGINT) that saved a checkpoint, exits with 128 + the signal number.
+    On SIGTERM or SIGINT, in any phase, exits with 128 + the signal number (a training run saves first).
     """
     # Warnings no user can act on: Lightning cannot see that the data module restores the train loader's
     # position (see its state_dict), a frozen teacher or reference model is in eval mode on purpose, and
@@ -169,7 +181,7 @@ def run_lightning(args: RunArgs) -> LightningCLI:
     own_argv = not as_data and list(args) == sys.argv[1:]
     # LightningCLI warns when it is given arguments while the process has command-line arguments
     # of its own (the pipeline's): those are not for it, so it sees only the program name
-    with patch.object(sys, "argv", sys.argv if own_argv else sys.argv[:1]):
+    with patch.object(sys, "argv", sys.argv if own_argv else sys.argv[:1]), process_group_ended():
         cli = PicoGPTCLI(
             PicoGPTModule,
             LightningDataModule,
@@ -187,13 +199,17 @@ def run_lightning(args: RunArgs) -> LightningCLI:
             args=None if own_argv else args,
             command_line=None if as_data else list(args),
         )
-    # a `ddp` process group left alive until interpreter exit can abort the process there
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    for callback in getattr(cli.trainer, "callbacks", []):
-        if isinstance(callback, InterruptCheckpoint) and callback.exit_code:
-            sys.exit(callback.exit_code)
     return cli
+
+
+@contextmanager
+def process_group_ended():
+    """A `ddp` process group left alive until interpreter exit can abort the process there, so it ends with the run."""
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ---- input checks, before anything is created ----------------------------------------------
@@ -201,13 +217,9 @@ def run_lightning(args: RunArgs) -> LightningCLI:
 
 def check_yaml_files(args: List[str]) -> None:
     """A config file that is not valid YAML, named with its line (jsonargparse names only "<unicode string>")."""
-    paths = [value for flag, value in zip(args, args[1:]) if flag in ("-c", "--config")]
-    paths += [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
-    for path in paths:
-        if not os.path.isfile(path):
-            continue  # jsonargparse reports it, or it is inline YAML
+    for path in config_paths(args):  # a missing one jsonargparse reports, or it is inline YAML
         try:
-            yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            yaml.safe_load(read_text(path, "config"))  # not UTF-8: one line naming the file and the line
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f"{path}, line {mark.line + 1}" if mark is not None else path

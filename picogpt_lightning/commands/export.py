@@ -61,14 +61,17 @@ def replace_directory(new: Path, target: Path) -> None:
         checkpoints.sync_directory(str(target.parent))
         return
     aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    os.rename(target, aside / target.name)
     try:
-        os.rename(new, target)
+        os.rename(target, aside / target.name)
+        try:
+            os.rename(new, target)
+        except OSError:
+            os.rename(aside / target.name, target)  # the previous export back in its place
+            raise
     except OSError:
-        os.rename(aside / target.name, target)  # put the previous export back
+        aside.rmdir()
         raise
-    finally:
-        checkpoints.sync_directory(str(target.parent))
+    checkpoints.sync_directory(str(target.parent))
     shutil.rmtree(aside, ignore_errors=True)
 
 

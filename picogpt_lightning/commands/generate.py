@@ -11,6 +11,8 @@ from picogpt_lightning.generation import encode_prompts, generate_texts, resolve
 from picogpt_lightning.textfiles import read_text
 from picogpt_lightning.tokenizer import Tokenizer
 
+ACCELERATORS = ("cuda", "mps", "xpu")  # device types whose torch module tells if one is present, and how many
+
 
 def generate(
     ckpt: str,
@@ -95,13 +97,29 @@ def print_texts(texts: List[str]) -> None:
 
 
 def check_device(device: str) -> torch.device:
-    """The torch device `device` names, refused in one line when it is none or not present on this machine."""
+    """The torch device `device` names, refused in one line when it is none or not present on this machine.
+
+    Checked before the checkpoint is read: torch's own error comes from deep inside `.to(device)`.
+    """
     try:
         parsed = torch.device(device)
     except RuntimeError:
         raise UserError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1, mps, ...") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asks for CUDA, but no CUDA device is available here; use --device cpu")
+    kind = parsed.type
+    if kind == "cpu":
+        return parsed
+    if kind not in ACCELERATORS:  # meta, lazy, ...: devices without kernels to decode with
+        raise UserError(f"--device {device}: generation cannot run on a {kind!r} device; use cpu, cuda or mps")
+    backend = getattr(torch, kind)
+    count = backend.device_count() if backend.is_available() else 0
+    if count == 0:
+        name = "CUDA" if kind == "cuda" else kind
+        raise UserError(f"--device {device} asks for {name}, but no {name} device is available here; use --device cpu")
+    if parsed.index is not None and parsed.index >= count:
+        raise UserError(
+            f"--device {device}: this machine has {count} {kind} device(s), {kind}:0 to {kind}:{count - 1}; "
+            f"pick one of those (or --device {kind} for the first)"
+        )
     return parsed
 
 

@@ -72,6 +72,7 @@ def run_pipeline(
         progress_bar: show Lightning's progress bars.
     """
     # Lightning loads only once a stage runs, so `python -m picogpt_lightning --help` starts without it
+    from picogpt_lightning.callbacks.stop_signals import exits_on_signals
     from picogpt_lightning.lightning_cli import run_lightning
 
     if size not in ("cpu", "full"):
@@ -84,18 +85,20 @@ def run_pipeline(
         "teacher": teacher_steps or (CPU_STEPS["teacher"] if size == "cpu" else None),
         "student": student_steps or (CPU_STEPS["student"] if size == "cpu" else None),
     }
-    for stage in STAGES:
-        role = "teacher" if stage == "teacher" else "student"
-        config = stage_config(stage, out, size, steps[role], progress_bar)
-        shutil.rmtree(out / stage, ignore_errors=True)  # a leftover last.ckpt would make Lightning write last-v1.ckpt
-        length = f"{steps[role]} steps" if steps[role] else "the recipe's steps"
-        print(f"\n==> {STAGE_TITLES[stage]}: configs/{stage}.yaml, {length}; checkpoint {out / stage / 'last.ckpt'}, "
-              f"TensorBoard logs in {out / 'runs' / stage}", flush=True)
-        with lightning_reports_only_warnings():
-            run_lightning({"fit": config})
+    # a signal between stages, or while scoring, exits 128 + the signal too (a stage's run saves first)
+    with exits_on_signals():
+        for stage in STAGES:
+            role = "teacher" if stage == "teacher" else "student"
+            config = stage_config(stage, out, size, steps[role], progress_bar)
+            shutil.rmtree(out / stage, ignore_errors=True)  # a leftover last.ckpt would make Lightning write last-v1.ckpt
+            length = f"{steps[role]} steps" if steps[role] else "the recipe's steps"
+            print(f"\n==> {STAGE_TITLES[stage]}: configs/{stage}.yaml, {length}; checkpoint {out / stage / 'last.ckpt'}, "
+                  f"TensorBoard logs in {out / 'runs' / stage}", flush=True)
+            with lightning_reports_only_warnings():
+                run_lightning({"fit": config})
 
-    results = [evaluate(stage, out / stage / "last.ckpt") for stage in STAGES]
-    text = sample(out / "distill" / "last.ckpt", prompt, sample_tokens)
+        results = [evaluate(stage, out / stage / "last.ckpt") for stage in STAGES]
+        text = sample(out / "distill" / "last.ckpt", prompt, sample_tokens)
     print_results(results, text)
     return results, text
 

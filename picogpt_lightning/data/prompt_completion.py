@@ -168,7 +168,19 @@ class PromptCompletionDataModule(PicoGPTDataModule):
         for name, dataset in zip(("train", "val"), splits):
             if len(dataset) == 0:
                 raise UserError(f"the {name} split is empty; give more examples or a smaller val_fraction")
+            for column in self.completion_columns:  # no token to learn: a loss of 0 / 0, NaN, chosen as best
+                if not any_tokens(dataset, f"{column}_ids"):
+                    what = "completion" if column == "completion" else f"{column} completion"
+                    raise UserError(
+                        f"every {what} of the {name} split ({self._source(name)}) is empty after truncation to "
+                        f"max_length {max_length}: there is no token to learn; give examples with non-empty {column} text"
+                    )
         return splits
+
+    def _source(self, split: str) -> str:
+        """Where a split's examples come from, as the user gave it."""
+        path = self.hparams.val_data_path if split == "val" and self.hparams.val_data_path else self.hparams.data_path
+        return path or "the pairs derived from tiny_shakespeare"
 
     def _load_splits(self) -> tuple:
         from datasets import Dataset
@@ -244,6 +256,11 @@ class PromptCompletionDataModule(PicoGPTDataModule):
         """Every split in order, unshuffled: for values computed once per example (DPO's reference log-probs)."""
         return [self._loader(self._require(dataset, name), shuffle=False)
                 for name, dataset in (("train", self.train_dataset), ("val", self.val_dataset))]
+
+
+def any_tokens(dataset, column: str) -> bool:
+    """Whether any example of `dataset` has a token in `column`; reads batches only until one has."""
+    return any(len(ids) > 0 for batch in dataset.iter(batch_size=1024) for ids in batch[column])
 
 
 class PreferenceDataModule(PromptCompletionDataModule):

@@ -242,6 +242,11 @@ class PicoGPTModule(L.LightningModule):
         Clipping before a fused step is exact when nothing is scaled, and FSDP's root module
         clips its shards against the global norm itself.
         """
+        if gradient_clip_val is not None and gradient_clip_val < 0:  # torch would scale every gradient by a negative
+            raise UserError(
+                f"gradient_clip_val {gradient_clip_val} is negative, which flips the gradient's sign; "
+                "give a value > 0, or 0 or None for no clipping"
+            )
         algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
         if not gradient_clip_val or algorithm != GradClipAlgorithmType.NORM or has_loss_scaler(self.trainer):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
