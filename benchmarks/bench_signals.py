@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    rows, per_batch = [], []
+    rows, per_batch, load = [], [], os.getloadavg()[0]
     for phase in PHASES:
         results = []
         for _ in range(args.repeats):
@@ -94,9 +94,9 @@ def main() -> None:
             f"{statistics.median(saves):.2f}", f"{statistics.median(seconds) - statistics.median(saves):.2f}",
             ", ".join(sorted({str(r["status"]) for r in results})),
         ])
-    full_validation = 200 * statistics.median(per_batch)
+    batch = statistics.median(per_batch)
     body = "\n".join([
-        "`python -m benchmarks.bench_signals`: configs/pretrain_cpu.yaml (0.8M parameters) through the command line,",
+        "`python -m benchmarks.bench_signals`: configs/pretrain_cpu.yaml (0.86M parameters) through the command line,",
         "validating every 20 steps over 200 batches; SIGTERM at step 5, or at the 50th batch of the validation at step 20.",
         "Seconds from the signal to the exit; the saves (interrupted-step=N.ckpt and last.ckpt) as the run reports them;",
         "the rest is the step or validation batch under way, Lightning's teardown and the interpreter's exit.",
@@ -104,9 +104,11 @@ def main() -> None:
         markdown_table(["SIGTERM during", "runs", "to exit, median (s)", "max (s)", "saves, median (s)",
                         "rest, median (s)", "exit status"], rows),
         "",
-        f"A full validation takes about {full_validation:.1f} s here; none starts after the signal. "
-        "SLURM and Kubernetes send SIGKILL 30 s after SIGTERM.",
-        f"Machine: {machine_description()}.",
+        f"A validation batch took {batch:.2f} s (median; {min(per_batch):.2f} to {max(per_batch):.2f}), so a full "
+        f"validation about {200 * batch:.0f} s; none starts after the signal, and SLURM and Kubernetes send SIGKILL "
+        "30 s after SIGTERM.",
+        f"Machine: {machine_description()}; load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+        "(the machine is shared).",
     ])
     write_section("signals", "Reliability: signals", body)
 
