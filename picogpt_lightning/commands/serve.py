@@ -1,0 +1,120 @@
+"""`python -m picogpt_lightning serve`: a checkpoint behind OpenAI's `/v1/completions`, through LitServe.
+
+LitServe runs the pieces: an API server process (FastAPI + uvicorn) that validates each
+request (serve_api.py) and queues it, and an inference worker process that loads the
+checkpoint and decodes what LitServe batches (serve_worker.py). What LitServe leaves to
+its caller is here: checking the flags, OpenAI's error shape for FastAPI's errors, and a
+SIGTERM that lets the requests in flight finish (LitServe's own handling of SIGTERM is
+Python's default: the main process dies at once and its workers with it).
+"""
+
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+from typing import Optional
+
+from picogpt_lightning.commands.generate import check_device
+from picogpt_lightning.errors import InputNotFound, UserError
+
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the interfaces LitServe binds to
+API_SERVER_PREFIX = "LitServer-"  # LitServe's name for its uvicorn processes
+
+
+def serve(
+    ckpt: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "cpu",
+    max_batch_size: int = 16,
+    batch_timeout: float = 0.01,
+    compile: Optional[bool] = None,
+    queue_timeout: float = 120.0,
+    model_name: Optional[str] = None,
+    log_level: str = "info",
+) -> None:
+    """Serve a checkpoint over HTTP with OpenAI's completions API (POST /v1/completions), through LitServe.
+
+    Args:
+        ckpt: a checkpoint written by training (it holds the model config and the tokenizer).
+        host: the interface to listen on: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface).
+        port: the TCP port, 1024 to 65535.
+        device: "cpu", "cuda" or any torch device to decode on.
+        max_batch_size: requests that arrive together are decoded as one batch of up to this many.
+        batch_timeout: seconds to wait for more requests to fill a batch once one has arrived.
+        compile: compile the decode step (torch.compile); default: on CUDA only (on CPU each new batch shape takes tens of seconds to compile).
+        queue_timeout: seconds a request may wait for its batch before it is answered 504.
+        model_name: the name responses give as "model" (default: the checkpoint's file name).
+        log_level: uvicorn's and LitServe's log level: debug, info, warning, error.
+    """
+    import litserve as ls
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    from picogpt_lightning.commands.serve_api import MAX_BODY_BYTES, CompletionsSpec, http_error, invalid_request
+    from picogpt_lightning.commands.serve_worker import CompletionsAPI, load_model
+
+    torch_device = check_flags(ckpt, host, port, device, max_batch_size, batch_timeout, queue_timeout)
+    load_model(ckpt, "cpu")  # a bad checkpoint gets its one-line error here, not a worker's traceback
+    compile = torch_device.type == "cuda" if compile is None else compile
+    name = model_name or Path(ckpt).name
+    api = CompletionsAPI(
+        ckpt, str(torch_device), compile, spec=CompletionsSpec(name), max_batch_size=max_batch_size,
+        batch_timeout=batch_timeout,
+    )
+    server = ls.LitServer(
+        api, accelerator="cuda" if torch_device.type == "cuda" else "cpu", devices=1, timeout=queue_timeout,
+        max_payload_size=MAX_BODY_BYTES,
+    )
+    server.app.add_exception_handler(RequestValidationError, invalid_request)  # OpenAI's error shape, status 400
+    server.app.add_exception_handler(HTTPException, http_error)
+    drain_on_sigterm(server)
+    print(f"serving {name} at http://{host}:{port}/v1/completions", flush=True)
+    try:
+        server.run(host=host, port=port, log_level=log_level, generate_client_file=False)
+    except KeyboardInterrupt:  # a SIGTERM during start-up: nothing was in flight
+        pass
+
+
+def check_flags(ckpt, host, port, device, max_batch_size, batch_timeout, queue_timeout):
+    """The torch device to decode on, once every flag is one LitServe accepts (its own errors are tracebacks)."""
+    if not os.path.isfile(ckpt):
+        raise InputNotFound(f"--ckpt {ckpt}: no such file; pass a checkpoint written by training")
+    if host not in HOSTS:
+        raise UserError(f"--host {host!r}: LitServe listens on one of {', '.join(HOSTS)}; use 127.0.0.1 for this machine only")
+    if not isinstance(port, int) or not 1024 <= port <= 65535:
+        raise UserError(f"--port {port}: pick a port from 1024 to 65535")
+    if max_batch_size < 1:
+        raise UserError(f"--max_batch_size {max_batch_size}: must be at least 1 (1: no batching)")
+    if batch_timeout < 0:
+        raise UserError(f"--batch_timeout {batch_timeout}: must be >= 0 seconds")
+    if not queue_timeout > batch_timeout:
+        raise UserError(f"--queue_timeout {queue_timeout}: must be longer than --batch_timeout ({batch_timeout})")
+    return check_device(device)
+
+
+def drain_on_sigterm(server) -> None:
+    """On SIGTERM: stop the API servers the way uvicorn stops on its own SIGTERM (no new connections, the
+    open ones answered to their end, up to LitServe's graceful timeout), then shut LitServe down as for Ctrl+C."""
+    main_pid = os.getpid()
+
+    def handle(signum, frame):
+        if os.getpid() != main_pid:  # a forked child (LitServe's manager) inherited this handler: die as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not interrupt the drain
+        api_servers = [child for child in multiprocessing.active_children() if child.name.startswith(API_SERVER_PREFIX)]
+        for child in api_servers:
+            child.terminate()
+        for child in api_servers:
+            child.join(timeout=server.uvicorn_graceful_timeout + 5)
+        raise KeyboardInterrupt  # LitServer.run's own shutdown path: workers stopped, queues closed
+
+    signal.signal(signal.SIGTERM, handle)
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(serve, as_positional=False)

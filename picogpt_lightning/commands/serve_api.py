@@ -1,0 +1,232 @@
+"""The HTTP side of `serve`: OpenAI's legacy `/v1/completions` as a LitServe spec.
+
+LitServe's own `OpenAISpec` speaks only `/v1/chat/completions`; this spec is built the
+same way (a `LitSpec` that registers its endpoint, puts each request on LitServe's queue
+and reads the inference worker's messages back), for the completions API. Requests are
+validated here, in the API server, before they reach the worker: LitServe's batched
+loop fails a whole batch when one of its requests raises, so nothing malformed may get
+that far. Errors take OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+import asyncio
+import json
+import pickle
+import time
+import uuid
+from collections import deque
+from typing import List, Optional, Union
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from litserve.specs.base import LitSpec
+from litserve.utils import LitAPIStatus, ResponseBufferItem
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from starlette.exceptions import HTTPException
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: a prompt far longer than any block_size here, far short of a memory problem
+MAX_TOKENS_LIMIT = 4096
+MAX_CHOICES = 64  # prompts x n: the rows one request may add to a batch
+UNSUPPORTED = {  # OpenAI parameters this server knows but does not implement: refused unless left at their no-op value
+    "suffix": None, "logprobs": None, "best_of": None, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0,
+}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's completion request, plus generate's own sampling parameters (top_k, repetition_penalty)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: Optional[str] = None  # any name is accepted; the response names the served checkpoint
+    prompt: Union[str, List[str]]
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0: greedy, as in OpenAI's API
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0: no top-k
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, List[str]]] = None
+    seed: Optional[int] = None
+    echo: bool = False
+    user: Optional[str] = None  # accepted and ignored, as a single-user server may
+    suffix: Optional[str] = None
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    logit_bias: Optional[dict] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @field_validator("prompt")
+    @classmethod
+    def prompts_not_empty(cls, prompt):
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not prompts or any(text == "" for text in prompts):
+            raise ValueError("must be a non-empty string (or a list of them): give at least one character to continue")
+        return prompt
+
+    @field_validator("stop")
+    @classmethod
+    def stops_are_few_and_not_empty(cls, stop):
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stops) > 4 or any(text == "" for text in stops):
+            raise ValueError("must be up to 4 non-empty strings")
+        return stop
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def only_implemented_options(cls, value, info: ValidationInfo):
+        if value not in (None, UNSUPPORTED[info.field_name]):
+            raise ValueError("is not supported by this server; leave it out")
+        return value
+
+    @model_validator(mode="after")
+    def few_enough_choices(self):
+        if len(self.prompts) * self.n > MAX_CHOICES:
+            raise ValueError(f"prompts x n = {len(self.prompts) * self.n} exceeds {MAX_CHOICES}; send fewer at once")
+        return self
+
+    @property
+    def prompts(self) -> List[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+def error_body(message: str, param: Optional[str] = None, kind: str = "invalid_request_error", code=None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 list of pydantic errors, as OpenAI's 400 naming the first bad field."""
+    first = error.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    if first.get("type") == "json_invalid":
+        message, param = f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
+    elif first.get("type") == "extra_forbidden":
+        known = ", ".join(sorted(CompletionRequest.model_fields))
+        message = f"unknown parameter {param!r}; the parameters are: {known}"
+    elif not location:
+        message = f"the body must be a JSON object of completion parameters: {first.get('msg').removeprefix('Value error, ')}"
+    elif first.get("type") == "value_error":  # this module's validators word their message to follow the name
+        message = f"{param} {first.get('msg').removeprefix('Value error, ')}"
+    else:
+        message = f"{param}: {first.get('msg')}"
+    return JSONResponse(error_body(message, param), status_code=400)
+
+
+async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's own errors (404, 405, LitServe's 413 for an oversize body) in OpenAI's shape."""
+    detail = error.detail if error.status_code != 413 else f"the body is over the {MAX_BODY_BYTES}-byte limit"
+    return JSONResponse(error_body(str(detail)), status_code=error.status_code, headers=error.headers)
+
+
+class CompletionsSpec(LitSpec):
+    """`POST /v1/completions`: one queued item per HTTP request, its choices decoded as rows of a batch.
+
+    The worker sends, per request, messages `{"choices": [[index, text, finish_reason]...]}`,
+    one with `"usage"` last, or a single `{"error": ...}` before any text; the first message
+    is awaited before answering, so a request the worker refuses still gets a 400.
+    """
+
+    def __init__(self, model_name: str):
+        super().__init__()
+        self.api_path = "/v1/completions"
+        self.model_name = model_name
+        self.add_endpoint(self.api_path, self.completions, ["POST"])
+
+    @property
+    def stream(self):
+        return True  # the worker always streams; a non-streaming request is collected here
+
+    def decode_request(self, request, context_kwargs=None):
+        return request
+
+    def encode_response(self, output, context_kwargs=None):
+        return output
+
+    async def completions(self, request: CompletionRequest):
+        uid = uuid.uuid4().hex
+        messages = self.worker_messages(uid, request)
+        first = await anext(messages)
+        if "error" in first:
+            await messages.aclose()
+            return JSONResponse(first, status_code=first["error"].pop("status", 400))
+        header = {"id": f"cmpl-{uid}", "object": "text_completion", "created": int(time.time()), "model": self.model_name}
+        if request.stream:
+            return StreamingResponse(self.events(request, header, first, messages), media_type="text/event-stream")
+        return JSONResponse(await self.collect(request, header, first, messages))
+
+    async def worker_messages(self, uid: str, request: CompletionRequest):
+        """The worker's messages for this request, decoded, ending with the one that holds the usage."""
+        queue, event = deque(), asyncio.Event()
+        self.response_buffer[uid] = ResponseBufferItem(response_queue=queue, event=event)
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), request.model_dump()))
+        try:
+            async for data, status in self.data_streamer(queue, event, send_status=True):
+                if status == LitAPIStatus.ERROR:
+                    yield worker_failure(data)
+                    return
+                if data is None:  # a step of the batch that had nothing for this request
+                    continue
+                message = json.loads(data)
+                yield message
+                if "usage" in message or "error" in message:
+                    return
+            yield error_body("the inference worker stopped before finishing this request", kind="server_error")
+        finally:
+            self.response_buffer.pop(uid, None)  # later steps of the batch for this request are dropped
+
+    async def events(self, request: CompletionRequest, header: dict, first: dict, messages):
+        """Server-sent events in OpenAI's format: text chunks, the optional usage chunk, `data: [DONE]`."""
+        message = first
+        while True:
+            if "error" in message:
+                yield f"data: {json.dumps(message)}\n\n"
+                return
+            if message["choices"]:
+                yield f"data: {json.dumps({**header, 'choices': [choice(*row) for row in message['choices']]})}\n\n"
+            if "usage" in message:
+                break
+            message = await anext(messages)
+        if request.stream_options is not None and request.stream_options.include_usage:
+            yield f"data: {json.dumps({**header, 'choices': [], 'usage': message['usage']})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def collect(self, request: CompletionRequest, header: dict, first: dict, messages) -> dict:
+        texts, reasons = {}, {}
+        message = first
+        while True:
+            if "error" in message:
+                return message  # a failure after the first step: the worker itself broke
+            for index, text, finish_reason in message["choices"]:
+                texts[index] = texts.get(index, "") + text
+                reasons[index] = finish_reason or reasons.get(index)
+            if "usage" in message:
+                break
+            message = await anext(messages)
+        choices = [choice(index, texts[index], reasons[index]) for index in sorted(texts)]
+        return {**header, "choices": choices, "usage": message["usage"]}
+
+
+def choice(index: int, text: str, finish_reason: Optional[str]) -> dict:
+    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+
+
+def worker_failure(data) -> dict:
+    """LitServe's ERROR message (a pickled exception) as an OpenAI error: its 504 for a request
+    that waited too long in the queue, otherwise a 500 whose cause is in the server's log."""
+    try:
+        error = pickle.loads(data) if isinstance(data, bytes) else data
+    except Exception:
+        error = None
+    status = getattr(error, "status_code", 500)
+    message = str(getattr(error, "detail", "")) or "internal error while generating; see the server's log"
+    body = error_body(message, kind="server_error" if status >= 500 else "invalid_request_error")
+    body["error"]["status"] = status
+    return body
+
