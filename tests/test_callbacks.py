@@ -58,12 +58,14 @@ def test_sample_callback_writes_each_validation_to_tensorboard(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
-def test_sample_callback_refuses_prompts_that_do_not_fit(tmp_path):
+def test_sample_callback_refuses_an_empty_prompt_before_training(tmp_path):
     tokenizer = build_tokenizer("char", TEXT)
     module = LanguageModelModule(PicoGPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_embd=16, n_head=2))
     module.tokenizer = tokenizer
-    trainer = L.Trainer(max_steps=1, logger=False, callbacks=[SampleGenerationCallback(max_new_tokens=16)],
+    callback = SampleGenerationCallback(prompts=["to be", ""], max_new_tokens=16)
+    trainer = L.Trainer(max_steps=1, logger=False, callbacks=[callback],
                         enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
     ids = torch.tensor(tokenizer.encode(TEXT))[:17]
-    with pytest.raises(ValueError, match="exceeds block_size 16"):
+    with pytest.raises(ValueError, match="prompt 2 is empty"):
         trainer.fit(module, DataLoader([{"input_ids": ids[:-1], "labels": ids[1:]}]))
+    assert trainer.global_step == 0

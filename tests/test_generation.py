@@ -485,7 +485,6 @@ def test_temperature_divides_logits_before_sampling():
 @pytest.mark.parametrize(
     "options, fragment",
     [
-        (dict(max_new_tokens=60), "block_size"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
         (dict(num_return_sequences=2), "greedy"),

@@ -252,10 +252,16 @@ def test_config_defaults_and_round_trip():
         PicoGPTConfig.from_dict({**config.to_dict(), "n_layers": 3})
 
 
-def test_sequence_longer_than_block_size_is_refused():
-    model = tiny_model(block_size=8)
-    with pytest.raises(ValueError, match="block_size"):
-        model(torch.zeros(1, 9, dtype=torch.long))
+def test_sequence_longer_than_block_size_attends_through_a_sliding_window():
+    # in one layer, each position sees itself and the block_size - 1 before it, no further (with more
+    # layers the windows stack, as in Mistral; tests/test_sliding_window.py compares with it)
+    model = tiny_model(block_size=8, n_layer=1)
+    ids = torch.randint(0, 40, (1, 20))
+    with torch.no_grad():
+        long = model(ids).logits
+        for end in (8, 13, 20):
+            window = model(ids[:, end - 8 : end], position_ids=torch.arange(end - 8, end)[None]).logits
+            torch.testing.assert_close(long[:, end - 1], window[:, -1], atol=1e-5, rtol=1e-5)
 
 
 # ---- KV cache ---------------------------------------------------------------------------

@@ -48,14 +48,7 @@ class SampleGenerationCallback(Callback):
             raise UserError(
                 "SampleGenerationCallback needs the module's tokenizer; train with a datamodule that has one"
             )
-        input_ids, _ = encode_prompts(tokenizer, self.prompts)
-        block_size = pl_module.model.config.block_size
-        max_new_tokens = self.generation_config.max_new_tokens
-        if input_ids.shape[1] + max_new_tokens > block_size:
-            raise UserError(
-                f"SampleGenerationCallback: longest prompt ({input_ids.shape[1]} tokens) + max_new_tokens "
-                f"({max_new_tokens}) exceeds block_size {block_size}; lower max_new_tokens"
-            )
+        encode_prompts(tokenizer, self.prompts)  # an empty prompt fails now, not after the first epoch
         if not any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
             rank_zero_warn("SampleGenerationCallback writes to TensorBoard, but no TensorBoardLogger is configured")
 

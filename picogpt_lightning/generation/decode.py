@@ -23,7 +23,7 @@ def next_token_logits(model, input_ids, cache_position, attention_mask, cache: K
 def make_cache(model, cache_implementation: Optional[str], batch: int, max_length: int, device) -> KVCache:
     if cache_implementation == "static":
         return StaticKVCache(model.config, batch, max_length, device, model.lm_head.weight.dtype)
-    return DynamicCache(model.config.n_layer)
+    return DynamicCache(model.config.n_layer, window=model.config.block_size)
 
 
 class CachedScorer:

@@ -72,12 +72,7 @@ def validate_prompt(model_config, input_ids, attention_mask, max_new_tokens) -> 
         )
     if not isinstance(max_new_tokens, int):  # its sign is GenerationConfig.validate's to check
         raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    total = input_ids.shape[1] + max_new_tokens
-    if total > model_config.block_size:
-        raise UserError(
-            f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
-            f"model's block_size {model_config.block_size}; shorten the prompt or lower max_new_tokens"
-        )
+    # past the model's block_size attention slides over the last block_size tokens (model/cache.py)
 
 
 def validate_options(model_config, config: GenerationConfig) -> None:

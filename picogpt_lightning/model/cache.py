@@ -12,8 +12,15 @@ Two kinds, as transformers has them:
   (litgpt, gpt-fast and transformers' StaticCache work so).
 
 Both answer the model's one question, `prepare(batch, new_tokens, attention_mask,
-cache_position)`: where the new tokens go and how many keys attention will see; the mask
-and positions are then built from that in `masks.py`, whatever the cache.
+cache_position)`: where the new tokens go and the absolute position of every key attention
+will see; the mask and rotary positions are then built from that in `masks.py`, whatever the cache.
+
+Past `block_size` both slide, as transformers' Mistral does with `sliding_window=block_size`:
+each query sees itself and the `block_size - 1` tokens before it. Positions keep counting
+(rotary attention depends only on distances, which stay below block_size). The growing
+cache keeps only the last `block_size - 1` tokens; the static one is a ring buffer of
+`min(max_length, block_size)` slots, slot = position % slots, so a compiled decode step
+stays one graph across the wrap.
 """
 
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -33,14 +40,16 @@ class KVCache:
     """
 
     layers: list
-    # True where update returns exactly the tokens written so far, the new ones last: the
+    # True where update returns the tokens in the window, in order, the new ones last: the
     # attention mask may then be left out when there is no padding
     contiguous = True
+    window: Optional[int] = None  # a query sees at most this many keys, itself included (None: all)
 
     def prepare(
         self, batch: int, new_tokens: int, attention_mask: Optional[torch.Tensor], cache_position, device
-    ) -> Tuple[torch.Tensor, int]:
-        """Checks the inputs against the cache; returns the new tokens' cache_position (T,) and the key count."""
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Checks the inputs against the cache; returns the new tokens' cache_position (T,) and
+        the absolute position of each key attention will see (key_count,), -1 for an empty slot."""
         raise NotImplementedError
 
     def select_rows(self, rows: torch.Tensor) -> None:
@@ -67,54 +76,71 @@ def check_mask_shape(attention_mask: Optional[torch.Tensor], expected: Tuple[int
 
 
 def appended_positions(
-    past_length: int, batch: int, new_tokens: int, attention_mask: Optional[torch.Tensor], device
-) -> Tuple[torch.Tensor, int]:
-    """Positions of tokens appended after `past_length` cached ones (none: no cache), and the key count after them."""
-    key_length = past_length + new_tokens
-    check_mask_shape(attention_mask, (batch, key_length), "batch, cached + new tokens")
-    return torch.arange(past_length, key_length, device=device), key_length
+    seen: int, kept: int, batch: int, new_tokens: int, attention_mask: Optional[torch.Tensor], device
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Positions of tokens appended after `seen` earlier ones of which the last `kept` are cached
+    (0, 0: no cache), and the positions of the keys: the kept ones, then the new ones."""
+    total = seen + new_tokens
+    check_mask_shape(attention_mask, (batch, total), "batch, earlier + new tokens")
+    return torch.arange(seen, total, device=device), torch.arange(seen - kept, total, device=device)
 
 
 # ---- the growing cache ------------------------------------------------------------------------
 
 
 class DynamicLayer:
-    """One layer's keys and values so far; each update appends along the sequence."""
+    """One layer's keys and values so far; each update appends along the sequence and, with a
+    window, keeps only the `window - 1` tokens the next query can still see."""
 
-    def __init__(self, keys: Optional[torch.Tensor] = None, values: Optional[torch.Tensor] = None):
-        self.keys, self.values = keys, values
+    def __init__(self, keys: Optional[torch.Tensor] = None, values: Optional[torch.Tensor] = None, window=None):
+        self.keys, self.values, self.window = keys, values, window
 
     def update(self, k: torch.Tensor, v: torch.Tensor, cache_position: Optional[torch.Tensor] = None) -> KeysValues:
         # cache_position is implied: new tokens always follow the ones cached
         if self.keys is not None:
             k = torch.cat((self.keys, k), dim=2)
             v = torch.cat((self.values, v), dim=2)
-        self.keys, self.values = k, v
-        return k, v
+        if self.window is not None and k.shape[2] >= self.window:
+            start = k.shape[2] - (self.window - 1)
+            self.keys, self.values = k[:, :, start:], v[:, :, start:]
+        else:
+            self.keys, self.values = k, v
+        return k, v  # this step's queries may see any of them; the mask draws each one's window
+
+    def kept(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
 
 
 class DynamicCache(KVCache):
-    """The growing cache: `PicoGPT(..., use_cache=True)` makes one and returns it, extended in place."""
+    """The growing cache: `PicoGPT(..., use_cache=True)` makes one and returns it, extended in place.
 
-    def __init__(self, n_layer: int):
-        self.layers: List[DynamicLayer] = [DynamicLayer() for _ in range(n_layer)]
+    With `window` (the model gives its block_size) it holds the last window - 1 tokens at most."""
+
+    def __init__(self, n_layer: int, window: Optional[int] = None):
+        self.window = window
+        self.layers: List[DynamicLayer] = [DynamicLayer(window=window) for _ in range(n_layer)]
+        self.seen = 0  # tokens written so far, the ones that slid out of the window included
 
     @classmethod
-    def from_legacy_cache(cls, past_key_values: Sequence[KeysValues]) -> "DynamicCache":
+    def from_legacy_cache(cls, past_key_values: Sequence[KeysValues], window: Optional[int] = None) -> "DynamicCache":
         """A cache holding a tuple of (keys, values) per layer; the tuples themselves stay untouched."""
-        cache = cls(0)
-        cache.layers = [DynamicLayer(keys, values) for keys, values in past_key_values]
+        cache = cls(0, window)
+        cache.layers = [DynamicLayer(keys, values, window) for keys, values in past_key_values]
+        cache.seen = cache.layers[0].kept() if cache.layers else 0
         return cache
 
     def to_legacy_cache(self) -> Tuple[KeysValues, ...]:
         return tuple(self)
 
     def get_seq_length(self) -> int:
-        keys = self.layers[0].keys if self.layers else None
-        return 0 if keys is None else keys.shape[2]
+        """Tokens seen so far (as transformers counts for a sliding cache), not only those still held."""
+        return self.seen
 
     def prepare(self, batch, new_tokens, attention_mask, cache_position, device):
-        return appended_positions(self.get_seq_length(), batch, new_tokens, attention_mask, device)
+        kept = self.layers[0].kept() if self.layers else 0
+        positions = appended_positions(self.seen, kept, batch, new_tokens, attention_mask, device)
+        self.seen += new_tokens
+        return positions
 
     def select_rows(self, rows: torch.Tensor) -> None:
         for layer in self.layers:
@@ -126,7 +152,7 @@ class DynamicCache(KVCache):
 
 
 class StaticLayer:
-    """One layer's key and value buffers, each (batch, n_query_groups, max_length, head_size)."""
+    """One layer's key and value buffers, each (batch, n_query_groups, slots, head_size), slot = position % slots."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         self.set_buffers(keys, values)
@@ -139,17 +165,34 @@ class StaticLayer:
         self.keys, self.values = keys, values
 
     def update(self, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor) -> KeysValues:
-        """Writes k, v (batch, groups, T, head_size) at positions cache_position (T,); returns the whole buffers."""
-        self.keys.index_copy_(2, cache_position, k.to(self.keys.dtype))
-        self.values.index_copy_(2, cache_position, v.to(self.values.dtype))
-        return self.keys, self.values
+        """Writes k, v (batch, groups, T, head_size) for positions cache_position (T,) into their slots.
+
+        One token (a decode step) is written first and the whole ring returned: the slot it
+        takes held a position a full window back, out of sight. Several tokens (a prompt) may
+        need keys their own writing would overwrite, so the ring as it was is returned with the
+        new keys after it, and only the last `slots` of them are kept.
+        """
+        slots = self.keys.shape[2]
+        k, v = k.to(self.keys.dtype), v.to(self.values.dtype)
+        if k.shape[2] == 1:
+            self.write(k, v, cache_position % slots)
+            return self.keys, self.values
+        keys, values = torch.cat((self.keys, k), dim=2), torch.cat((self.values, v), dim=2)
+        self.write(k[:, :, -slots:], v[:, :, -slots:], cache_position[-slots:] % slots)
+        return keys, values
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        self.keys.index_copy_(2, slots, k)
+        self.values.index_copy_(2, slots, v)
 
 
 class StaticCache(KVCache):
-    """Keys and values of every layer for up to `max_length` positions of `batch` sequences.
+    """Keys and values of every layer for `batch` sequences of up to `max_length` positions.
 
-    Pass it as `PicoGPT.forward(..., past_key_values=cache, cache_position=positions)` with an
-    attention_mask of (batch, max_length) whose unwritten positions are 0 (or no mask: no padding).
+    It holds min(max_length, block_size) slots: past block_size a slot is reused once its
+    token has slid out of every later query's window. Pass it as `PicoGPT.forward(...,
+    past_key_values=cache, cache_position=positions)` with an attention_mask of
+    (batch, max_length) whose unwritten positions are 0 (or no mask: no padding).
     """
 
     contiguous = False  # attention reads the whole buffer, written or not
@@ -162,17 +205,18 @@ class StaticCache(KVCache):
         device: Optional[torch.device] = None,
         dtype: torch.dtype = torch.float32,
     ):
-        if not 0 < max_length <= config.block_size:
-            raise ValueError(
-                f"StaticKVCache max_length {max_length} must be in [1, block_size {config.block_size}]; "
-                "shorten the prompt or lower max_new_tokens"
-            )
-        shape = (batch, config.n_query_groups, max_length, config.head_size)
-        self.max_length = max_length
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"StaticKVCache max_length must be a positive integer, got {max_length!r}")
+        slots = min(max_length, config.block_size)
+        shape = (batch, config.n_query_groups, slots, config.head_size)
+        self.max_length, self.window = max_length, config.block_size
         self.layers: List[StaticLayer] = [
             StaticLayer(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
             for _ in range(config.n_layer)
         ]
+        # the absolute position each slot holds (-1: none yet); data, so the wrap changes no graph
+        self.slot_positions = torch.full((slots,), -1, dtype=torch.long, device=device)
+        torch._dynamo.mark_static_address(self.slot_positions)
 
     @property
     def batch_size(self) -> int:
@@ -190,7 +234,13 @@ class StaticCache(KVCache):
         if self.batch_size != batch:
             raise ValueError(f"the StaticKVCache holds {self.batch_size} rows but input_ids has {batch}")
         check_mask_shape(attention_mask, (batch, self.max_length), "batch, the static cache's max_length")
-        return cache_position, self.max_length
+        slots = self.slot_positions.shape[0]
+        if new_tokens == 1:  # as StaticLayer.update: written first, then the ring is read
+            self.slot_positions.index_copy_(0, cache_position % slots, cache_position)
+            return cache_position, self.slot_positions.clone()
+        key_positions = torch.cat((self.slot_positions, cache_position))
+        self.slot_positions.index_copy_(0, cache_position[-slots:] % slots, cache_position[-slots:])
+        return cache_position, key_positions
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keeps row rows[i] as row i.
@@ -211,11 +261,11 @@ class StaticCache(KVCache):
 StaticKVCache = StaticCache  # the name benchmarks and existing callers use
 
 
-def as_cache(past_key_values, use_cache: bool, n_layer: int) -> Optional[KVCache]:
+def as_cache(past_key_values, use_cache: bool, config: PicoGPTConfig) -> Optional[KVCache]:
     """The cache a forward pass writes to: the one given, one wrapping legacy (keys, values) tuples,
-    a new growing one when use_cache asks for it, or None."""
+    a new growing one when use_cache asks for it, or None; made ones slide past block_size."""
     if isinstance(past_key_values, KVCache):
         return past_key_values
     if past_key_values:
-        return DynamicCache.from_legacy_cache(past_key_values)
-    return DynamicCache(n_layer) if use_cache else None
+        return DynamicCache.from_legacy_cache(past_key_values, window=config.block_size)
+    return DynamicCache(config.n_layer, window=config.block_size) if use_cache else None

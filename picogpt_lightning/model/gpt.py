@@ -83,8 +83,9 @@ class PicoGPT(nn.Module):
         tuple of (keys, values) per layer. With use_cache=True and none given, a growing
         `DynamicCache` is made and returned; a given cache is extended in place and returned.
         A `StaticKVCache` is written at `cache_position` (T,) with an attention_mask of
-        (B, cache.max_length) or none, as transformers' StaticCache is used."""
-        cache = as_cache(past_key_values, use_cache, self.config.n_layer)
+        (B, cache.max_length) or none, as transformers' StaticCache is used. Inputs longer than
+        block_size attend through a sliding window of block_size tokens (see model/cache.py)."""
+        cache = as_cache(past_key_values, use_cache, self.config)
         mask, default_positions, cache_position = self._mask_and_positions(
             input_ids, attention_mask, cache, cache_position
         )
@@ -117,16 +118,12 @@ class PicoGPT(nn.Module):
         """The attention mask, default rotary positions and cache positions of the new tokens."""
         (B, T), device = input_ids.shape, input_ids.device
         if cache is None:
-            cache_position, key_length = appended_positions(0, B, T, attention_mask, device)
+            cache_position, key_positions = appended_positions(0, 0, B, T, attention_mask, device)
         else:
-            cache_position, key_length = cache.prepare(B, T, attention_mask, cache_position, device)
-        if key_length > self.config.block_size:
-            raise ValueError(
-                f"sequence length {key_length} exceeds block_size {self.config.block_size}; "
-                "shorten the input or train with a larger block_size"
-            )
+            cache_position, key_positions = cache.prepare(B, T, attention_mask, cache_position, device)
+        # past block_size attention slides, as Mistral's sliding_window: a query sees block_size keys at most
         contiguous = cache is None or cache.contiguous
-        mask = attention_mask_for(attention_mask, cache_position, key_length, contiguous)
+        mask = attention_mask_for(attention_mask, cache_position, key_positions, self.config.block_size, contiguous)
         return mask, position_ids_for(attention_mask, cache_position, B), cache_position
 
     @torch.no_grad()

@@ -1,8 +1,8 @@
 """The attention mask and rotary positions of new tokens: the one place both are built.
 
 Every cache (none, growing, preallocated) asks the same question: new tokens sit at
-`cache_position` (T,) among `key_length` keys; which keys may each see, and at which
-rotary position is each? Built from tensors only (no host sync), so a compiled decode
+`cache_position` (T,), the keys attention reads sit at `key_positions`; which keys may each
+see, and at which rotary position is each? Built from tensors only (no host sync), so a compiled decode
 step has the same graph every token.
 """
 
@@ -12,15 +12,22 @@ import torch
 
 
 def attention_mask_for(
-    attention_mask: Optional[torch.Tensor], cache_position: torch.Tensor, key_length: int, contiguous: bool
+    attention_mask: Optional[torch.Tensor],
+    cache_position: torch.Tensor,
+    key_positions: torch.Tensor,
+    window: Optional[int],
+    contiguous: bool,
 ) -> Optional[torch.Tensor]:
-    """A boolean (B or 1, 1, T, key_length) mask, True = may attend: causal and not a pad key.
+    """A boolean (B or 1, 1, T, key_count) mask, True = may attend: causal, in the window, not a pad key.
 
-    `attention_mask` is (B, key_length), 1 = real token, or None (no padding).
-    `contiguous`: the keys are exactly the tokens written so far, the new ones last (no
+    `attention_mask` is (B, tokens so far), 1 = real token, or None (no padding);
+    `key_positions` (key_count,) is the absolute position of each key, -1 for an empty slot;
+    `window`: a query sees the keys less than `window` positions back, itself included, as
+    transformers' sliding_window does (None: every earlier key).
+    `contiguous`: the keys are the tokens in the window, in order, the new ones last (no
     cache, or a growing one). Without padding the mask is then None whenever SDPA's own
-    causal flag (no past) or no mask at all (one new token) is exact, its fastest path;
-    a preallocated buffer always needs one, to hide the positions not written yet.
+    causal flag (no past, within the window) or no mask at all (one new token) is exact, its
+    fastest path; a preallocated buffer always needs one, to hide the slots not written yet.
 
     A given mask is always applied: asking whether it is all ones would stall the GPU and
     break a compiled graph, so callers that know there is no padding pass None. Every query
@@ -28,16 +35,19 @@ def attention_mask_for(
     finite output instead of NaN; real tokens never read pad positions, so that choice
     reaches no real output.
     """
-    new_tokens = cache_position.shape[0]
-    if attention_mask is None and contiguous and new_tokens in (1, key_length):
+    new_tokens, key_count = cache_position.shape[0], key_positions.shape[0]
+    within_window = window is None or key_count <= window
+    if attention_mask is None and contiguous and within_window and new_tokens in (1, key_count):
         return None
-    key_pos = torch.arange(key_length, device=cache_position.device)[None, :]
+    key_pos = key_positions[None, :]
     query_pos = cache_position[:, None]
-    causal = key_pos <= query_pos  # (T, key_length); also hides every position not written yet
+    visible = (key_pos <= query_pos) & (key_pos >= 0)  # (T, key_count): causal, and hides empty slots
+    if window is not None:
+        visible = visible & (key_pos > query_pos - window)
     if attention_mask is None:
-        return causal[None, None]
-    keep = attention_mask[:, None, None, :].bool()  # (B, 1, 1, key_length)
-    return (causal & keep) | (key_pos == query_pos)
+        return visible[None, None]
+    keep = attention_mask.index_select(1, key_positions.clamp(min=0))[:, None, None, :].bool()  # (B, 1, 1, keys)
+    return (visible & keep) | (key_pos == query_pos)
 
 
 def position_ids_for(attention_mask: Optional[torch.Tensor], cache_position: torch.Tensor, batch: int) -> torch.Tensor:
