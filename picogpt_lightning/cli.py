@@ -7,20 +7,18 @@ Training subcommands go to LightningCLI (picogpt_lightning/lightning_cli.py, imp
 when one runs, so the other commands start without Lightning). The others are functions in
 picogpt_lightning/commands/, one module each: jsonargparse turns each one's signature and
 docstring into its flags and help, so a new command is one module and one line in COMMANDS.
+Only the command that runs is imported: `generate` starts without Lightning, `serve`
+without the training stack.
 A `UserError` anywhere in a command is printed as its one line; anything else is a bug and
 shows its traceback.
 """
 
+import importlib
 import inspect
 import os
 import sys
 from typing import Callable, Dict, List, Optional
 
-from picogpt_lightning.commands.export import export
-from picogpt_lightning.commands.generate import generate
-from picogpt_lightning.commands.merge import merge
-from picogpt_lightning.commands.pipeline import run_pipeline
-from picogpt_lightning.commands.quantize import quantize
 from picogpt_lightning.errors import UserError, first_line
 from picogpt_lightning.textfiles import config_paths, read_text
 
@@ -30,13 +28,20 @@ LIGHTNING_SUBCOMMANDS = {
     "test": "run one evaluation over the test set",
     "predict": "run inference over the predict set",
 }
-COMMANDS: Dict[str, Callable] = {
-    "pipeline": run_pipeline,
-    "generate": generate,
-    "export": export,
-    "quantize": quantize,
-    "merge": merge,
+# name -> (module in picogpt_lightning.commands, function): imported when the command runs
+COMMANDS: Dict[str, tuple] = {
+    "pipeline": ("pipeline", "run_pipeline"),
+    "generate": ("generate", "generate"),
+    "serve": ("serve", "serve"),
+    "export": ("export", "export"),
+    "quantize": ("quantize", "quantize"),
+    "merge": ("merge", "merge"),
 }
+
+
+def command_function(name: str) -> Callable:
+    module, function = COMMANDS[name]
+    return getattr(importlib.import_module(f"picogpt_lightning.commands.{module}"), function)
 
 
 def run_command(name: str, args: List[str]) -> None:
@@ -44,7 +49,7 @@ def run_command(name: str, args: List[str]) -> None:
 
     for path in config_paths(args):  # jsonargparse's UnicodeDecodeError names neither the file nor the fix
         read_text(path, "config")
-    CLI(COMMANDS[name], args=args, prog=f"python -m picogpt_lightning {name}", as_positional=False)
+    CLI(command_function(name), args=args, prog=f"python -m picogpt_lightning {name}", as_positional=False)
 
 
 def print_help() -> None:
@@ -52,8 +57,8 @@ def print_help() -> None:
     print("commands:")
     for name, summary in LIGHTNING_SUBCOMMANDS.items():
         print(f"  {name:<10} {summary}")
-    for name, function in COMMANDS.items():
-        summary = (inspect.getdoc(function) or "").partition("\n")[0]
+    for name in COMMANDS:
+        summary = (inspect.getdoc(command_function(name)) or "").partition("\n")[0]
         print(f"  {name:<10} {summary}")
     print("\n'python -m picogpt_lightning <command> --help' lists a command's options.")
 

@@ -81,15 +81,24 @@ def test_generate_streams_seeded_samples(checkpoint, capsys):
     assert streamed != run_cli(capsys, *args[:-1], "6")
 
 
-def test_generate_default_length_fills_the_context(checkpoint, capsys):
-    out = run_cli(capsys, "generate", "--ckpt", checkpoint, "--prompt", "to be")
-    assert len(out) == 48 + 1  # block_size characters and a newline
+def test_generate_writes_samples_past_block_size(checkpoint, capsys):
+    # nanoGPT's sample.py: 500 new tokens by default; this model's block_size is 48
+    out = run_cli(capsys, "generate", "--ckpt", checkpoint, "--prompt", "to be", "--num_samples", "3", "--top_k", "5")
+    samples = out.split("\n" + "-" * 40 + "\n")
+    assert len(samples) == 3 and len(set(samples)) == 3  # sampled, each its own
+    assert all(len(text) == len("to be") + 500 for text in samples[:2])  # char tokens: one character each
+    model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval(), Tokenizer.from_checkpoint(checkpoint)
+    torch.manual_seed(1337)  # the command's default seed: the first sample is this draw
+    first = model.generate(torch.tensor([tokenizer.encode("to be")]), max_new_tokens=500, do_sample=True, top_k=5)
+    assert samples[0] == tokenizer.decode(first[0])
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--prompt", "to be", "--max_new_tokens", "100"], "exceeds the model's block_size 48"),
+        (["--prompt", "to be", "--num_samples", "0"], "--num_samples must be a positive integer"),
+        (["--prompt", "to be", "--num_samples", "2", "--do_sample", "false"], "greedy decoding gives one"),
+        (["--prompt", "to be", "--num_samples", "2", "--num_beams", "2"], "for several beams use"),
         ([], "exactly one of --prompt"),
         (["--prompt", "to be", "--num_beams", "2", "--num_return_sequences", "3"], "num_return_sequences"),
         (["--prompt", "XYZ"], "not in the 'char' tokenizer"),

@@ -1,25 +1,33 @@
-"""`python -m picogpt_lightning generate`: continue prompts with a checkpoint and print the text."""
+"""`python -m picogpt_lightning generate`: continue prompts with a checkpoint and print the text.
+
+It imports only what decoding needs (no Lightning), and past the model's block_size the
+window slides, so any length can be asked for; nanoGPT's sample.py is
+`--max_new_tokens 500 --num_samples 10 --temperature 0.8 --top_k 200`.
+"""
 
 import os
+import sys
 from typing import List, Literal, Optional, Union
 
 import torch
 
 from picogpt_lightning import PicoGPT, checkpoints
 from picogpt_lightning.errors import InputNotFound, UserError
-from picogpt_lightning.generation import encode_prompts, generate_texts, resolve_generation_config
+from picogpt_lightning.generation import TextStream, encode_prompts, generate_texts, resolve_generation_config
 from picogpt_lightning.textfiles import read_text
 from picogpt_lightning.tokenizer import Tokenizer
 
 ACCELERATORS = ("cuda", "mps", "xpu")  # device types whose torch module tells if one is present, and how many
+SEPARATOR = "-" * 40
 
 
 def generate(
     ckpt: str,
     prompt: Optional[str] = None,
     prompts_file: Optional[str] = None,
-    max_new_tokens: Optional[int] = None,
-    do_sample: bool = False,
+    max_new_tokens: int = 500,
+    num_samples: int = 1,
+    do_sample: Optional[bool] = None,
     temperature: float = 1.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
@@ -33,66 +41,84 @@ def generate(
     stream: bool = True,
     device: str = "cpu",
 ) -> None:
-    """Continue prompts with a trained checkpoint and print the text (streamed when sampling).
+    """Continue prompts with a trained checkpoint and print the text, streamed as it is made.
 
     Args:
-        ckpt: a checkpoint written by training (it holds the model config and the tokenizer).
+        ckpt: a checkpoint written by training (it holds the model config and the tokenizer), or a packed quantized file.
         prompt: the text to continue; the two characters \\n stand for a newline.
-        prompts_file: a file of prompts, one per line (blank lines skipped), decoded as one batch.
-        max_new_tokens: how many tokens to add at most (default: as many as the model's block_size leaves after the longest prompt).
-        do_sample: sample instead of taking the most likely token (greedy) or the best beams.
+        prompts_file: a file of prompts, one per line (blank lines skipped).
+        max_new_tokens: how many tokens to add at most; past the model's block_size each token sees the last block_size.
+        num_samples: independent samples of each prompt (sampling is then the default).
+        do_sample: sample instead of taking the most likely token (greedy) or the best beams; default: sample when num_samples > 1.
         temperature: divides the logits before sampling (< 1 sharper, > 1 flatter).
         top_k: sample only among the k most likely tokens (None or 0: all).
         top_p: sample only among the most likely tokens holding probability top_p (nucleus).
         repetition_penalty: > 1 discourages tokens already in the text (transformers' rule).
         num_beams: beam search with this many beams when > 1.
-        num_return_sequences: continuations per prompt (samples, or the best beams).
+        num_return_sequences: the best beams to print per prompt (beam search).
         length_penalty: beam score = log-probability / length ** length_penalty.
         early_stopping: beam search stops when num_beams hypotheses are done (true), when no beam can improve (false), or only at max_new_tokens ("never").
         stop_at_eos: stop a sequence at the tokenizer's end-of-text token (if it has one).
         seed: random seed, so samples can be reproduced.
-        stream: print sampled tokens as they come (one prompt at a time, one sequence each).
+        stream: print tokens as they come, one sequence at a time (greedy and sampling); false: decode all prompts as one batch.
         device: "cpu", "cuda" or any torch device.
     """
     prompts = read_prompts(prompt, prompts_file)
+    do_sample = sampling_choice(do_sample, num_samples, num_return_sequences, num_beams)
     device = check_device(device)
     checkpoint = checkpoints.load(ckpt)  # read once: weights, config and tokenizer
     model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval().to(device), Tokenizer.from_checkpoint(checkpoint)
-    if max_new_tokens is None:
-        longest = max(len(tokenizer.encode(text)) for text in prompts)
-        max_new_tokens = max(1, model.config.block_size - longest)  # a prompt too long still gets its one-line error
     generation_config = resolve_generation_config(
         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, num_beams=num_beams, num_return_sequences=num_return_sequences,
-        length_penalty=length_penalty, early_stopping=early_stopping,
+        repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=length_penalty,
+        early_stopping=early_stopping,
+        num_return_sequences=num_return_sequences if num_beams > 1 else num_samples,
     )
     torch.manual_seed(seed)
-    if stream and do_sample and num_beams == 1 and num_return_sequences == 1:
-        stream_samples(model, tokenizer, prompts, generation_config, stop_at_eos, device)
+    if stream and num_beams == 1:
+        stream_texts(model, tokenizer, prompts, generation_config, num_samples, stop_at_eos, device)
         return
     print_texts(generate_texts(model, tokenizer, prompts, generation_config, stop_at_eos=stop_at_eos))
 
 
-def stream_samples(model, tokenizer, prompts: List[str], generation_config, stop_at_eos: bool, device: torch.device) -> None:
-    """Samples each prompt in turn, printing its tokens as they come."""
-    from transformers import TextStreamer
+def sampling_choice(do_sample: Optional[bool], num_samples: int, num_return_sequences: int, num_beams: int) -> bool:
+    """Whether to sample: as asked, or when several samples are asked for; refuses what cannot be done."""
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise UserError(f"--num_samples must be a positive integer, got {num_samples!r}")
+    if num_samples > 1 and (num_beams > 1 or num_return_sequences > 1):
+        raise UserError("--num_samples draws samples; for several beams use --num_beams N --num_return_sequences K instead")
+    if num_samples > 1 and do_sample is False:
+        raise UserError("greedy decoding gives one continuation per prompt; drop --do_sample false or --num_samples")
+    if do_sample is None:
+        return num_samples > 1
+    return do_sample
 
+
+def stream_texts(model, tokenizer, prompts: List[str], generation_config, num_samples: int, stop_at_eos: bool, device) -> None:
+    """Decodes each prompt `num_samples` times in turn, writing its text to stdout as it is made."""
     eos = tokenizer.eos_token_id if stop_at_eos else None
-    for number, text in enumerate(prompts):
+    config = resolve_generation_config(generation_config, num_return_sequences=1)
+    for number in range(len(prompts) * num_samples):
         if number:
-            print("-" * 40)
-        input_ids, _ = encode_prompts(tokenizer, [text], device)
-        streamer = TextStreamer(tokenizer.hf, skip_special_tokens=True)
+            print(SEPARATOR)
+        input_ids, _ = encode_prompts(tokenizer, [prompts[number // num_samples]], device)
+        streamer = TextStream(tokenizer, write_now, eos_token_id=eos)
         model.generate(
-            input_ids, generation_config=generation_config, streamer=streamer, eos_token_id=eos,
+            input_ids, generation_config=config, streamer=streamer, eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id,
         )
+        print()
+
+
+def write_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def print_texts(texts: List[str]) -> None:
     for number, text in enumerate(texts):
         if number:
-            print("-" * 40)
+            print(SEPARATOR)
         print(text)
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from picogpt_lightning import PicoGPT, checkpoints
 from picogpt_lightning.errors import InputNotFound, UserError
+from picogpt_lightning.generation import generate_texts
 from picogpt_lightning.losses import IGNORE_INDEX, next_token_loss
 from picogpt_lightning.tokenizer import Tokenizer
 
@@ -225,20 +226,13 @@ def val_loss(model: PicoGPT, datamodule) -> float:
 
 
 def sample(checkpoint_path: Path, prompt: str, max_new_tokens: int) -> str:
-    """The model's sampled continuation of `prompt` (temperature 0.8, the 20 likeliest tokens), seeded."""
+    """The model's sampled continuation of `prompt` (temperature 0.8, the 20 likeliest tokens), seeded;
+    past block_size generation slides its window, as the `generate` command does."""
     checkpoint = checkpoints.load(str(checkpoint_path))
     model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval(), Tokenizer.from_checkpoint(checkpoint)
     torch.manual_seed(1337)
-    ids = torch.tensor([tokenizer.encode(prompt)])
-    target_length = ids.shape[1] + max_new_tokens
-    block_size = model.config.block_size
-    while ids.shape[1] < target_length:
-        # generate stops at block_size: past it, continue from the last half block, half a block at a time
-        new = min(target_length - ids.shape[1], block_size // 2)
-        context = ids[:, -(block_size - new):]
-        out = model.generate(context, max_new_tokens=new, do_sample=True, temperature=0.8, top_k=20)
-        ids = torch.cat([ids, out[:, context.shape[1]:]], dim=1)
-    return tokenizer.decode(ids[0])
+    options = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=20)
+    return generate_texts(model, tokenizer, [prompt], **options)[0]
 
 
 def print_results(results: List[StageResult], text: str) -> None:

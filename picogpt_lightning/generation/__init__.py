@@ -33,10 +33,10 @@ from picogpt_lightning.generation.compiled import decode_step_for
 from picogpt_lightning.generation.decode import CachedScorer, RecomputingScorer, decode_n_tokens, next_token_logits
 from picogpt_lightning.generation.processors import PaddingAwareRepetitionPenalty, logits_processors
 from picogpt_lightning.generation.settings import DEFAULTS, prepare_inputs, resolve_generation_config, validate_inputs
-from picogpt_lightning.generation.text import decode_outputs, encode_prompts, generate_texts
+from picogpt_lightning.generation.text import TextStream, decode_outputs, encode_prompts, generate_texts
 
 __all__ = [
-    "DEFAULTS", "PaddingAwareRepetitionPenalty", "decode_outputs", "decode_step_for", "encode_prompts", "generate",
+    "DEFAULTS", "PaddingAwareRepetitionPenalty", "TextStream", "decode_outputs", "decode_step_for", "encode_prompts", "generate",
     "generate_texts", "logits_processors", "next_token_logits", "resolve_generation_config",
 ]
 

@@ -60,3 +60,44 @@ def generate_texts(
         pad_token_id=tokenizer.pad_token_id, **options,
     )
     return decode_outputs(tokenizer, outputs, attention_mask, eos)
+
+
+class TextStream:
+    """A streamer (generate's `put`/`end`) that hands each new piece of text to `write` as tokens come.
+
+    One sequence: the prompt arrives first (shown too, with `show_prompt`), then each step's token.
+    The whole text is decoded again each step and only what is new is written, so a character
+    split over several byte-level tokens appears once complete (a trailing U+FFFD waits for the rest).
+    """
+
+    def __init__(self, tokenizer, write, show_prompt: bool = True, eos_token_id: Optional[int] = None):
+        self.tokenizer, self.write, self.show_prompt, self.eos_token_id = tokenizer, write, show_prompt, eos_token_id
+        self.ids: List[int] = []
+        self.shown = 0  # characters of the decoded text already written
+        self.prompt_seen = False
+        self.finished = False
+
+    def put(self, token_ids: torch.Tensor) -> None:
+        ids = token_ids.reshape(-1).tolist()
+        if len(ids) != 1 and self.prompt_seen:
+            raise ValueError("TextStream follows one sequence; generate a batch without it, or one prompt at a time")
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            if not self.show_prompt:
+                self.shown = len(self.tokenizer.decode(ids))
+        elif self.finished or ids[0] == self.eos_token_id:
+            self.finished = True  # the eos token and the padding after it are not text
+            return
+        self.ids += ids
+        self.flush(final=False)
+
+    def end(self) -> None:
+        self.flush(final=True)
+
+    def flush(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids)
+        if not final and text.endswith("\ufffd"):
+            return  # an incomplete character: wait for its other bytes
+        if len(text) > self.shown:
+            self.write(text[self.shown :])
+            self.shown = len(text)
