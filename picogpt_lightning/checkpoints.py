@@ -9,7 +9,7 @@ Four formats hold a PicoGPT, and `load` reads each of them once into a `Checkpoi
 - a bare state dict (`torch.save(model.state_dict(), path)`): weights only, so the caller
   supplies the config;
 - a packed quantized file written by `save_quantized` (the `quantize` command): a `save` file
-  whose linear layers hold packed NF4 or BitNet codes and scales, described by its
+  whose linear layers hold packed NF4, int8, int4 or BitNet codes and scales, described by its
   `picogpt_quantization` entry, so loading builds the same packed layers before the weights
   (picogpt_lightning/quant/packing.py packs them the same way both times).
 
@@ -36,7 +36,7 @@ from picogpt_lightning.quant.packing import QUANTIZATION_METHODS, build_packed_l
 CONFIG_KEY = "picogpt_config"  # PicoGPTConfig.to_dict()
 TOKENIZER_KEY = "picogpt_tokenizer"  # Tokenizer.to_dict()
 STATE_DICT_KEY = "state_dict"
-QUANTIZATION_KEY = "picogpt_quantization"  # {"method": "nf4", "block_size", "double_quant", "skip"} or {"method": "bitnet"}
+QUANTIZATION_KEY = "picogpt_quantization"  # {"method": "nf4" | "int8" | "int4" | "bitnet", ...}: quant/packing.py
 MODEL_PREFIX = "model."  # LightningModules here keep the trained PicoGPT as `self.model`
 COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps modules under this attribute name
 LIGHTNING_VERSION_KEY = "pytorch-lightning_version"  # in every checkpoint the Lightning Trainer writes

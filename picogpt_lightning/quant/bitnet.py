@@ -10,17 +10,24 @@ Training keeps full-precision latent weights and quantizes them on every forward
     y   = linear(a, w)
 
 Gradients pass the rounding unchanged (straight-through estimator). After training,
-`pack_bitnet` swaps each BitLinear for a `PackedBitLinear`, which stores each weight as its
-code (2 bits or 1 bit) plus one scale and computes exactly what the training layer computed.
+`pack_bitnet` swaps each BitLinear for a `PackedBitLinear`, which writes each weight as its
+code (2 bits or 1 bit) plus one scale and decodes through torch's int4 kernel what the training
+layer computed, up to the kernel's bfloat16 sums.
 
 Pure PyTorch: the model package builds these layers, so nothing here imports Lightning.
 """
+
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from picogpt_lightning.errors import UserError
+from picogpt_lightning.quant.kernels import (
+    ACTIVATION_DTYPE, INT4_ZERO_CODE, KernelWeights, int4_group_size, int4_matmul, int4_shape_problem, pack_int4,
+    unpack_int4,
+)
 
 BITNET_KINDS = {"bitnet1.58": 2, "bitnet1": 1}  # linear kind -> bits per packed weight
 RMS_EPS = 1e-6
@@ -102,17 +109,31 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return ((packed[:, None] >> shifts) & mask).flatten()[:numel]
 
 
-class PackedBitLinear(nn.Module):
-    """Inference-only BitNet layer holding packed codes and one scale; same output as the BitLinear it came from."""
+class PackedBitLinear(KernelWeights):
+    """Inference-only BitNet layer: the same output as the BitLinear it came from, through the int4 kernel.
+
+    Ternary and binary codes c are int4 codes c + 8 with unit scales and zero shifts, so the
+    kernel sums q . c exactly for the integer activations q (|q| <= 128, exact in bfloat16) and
+    rounds only the sum to bfloat16; per-token and per-tensor scales are applied after, in float32.
+    In a file: `packed` (the codes at 2 or 1 bits each) and `scale`, as before kernels.
+    """
+
+    FILE_TENSORS = ("packed",)  # the scale is an ordinary buffer
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, kind: str = "bitnet1.58"):
         super().__init__()
         if kind not in BITNET_KINDS:
             raise UserError(f"PackedBitLinear kind must be one of {tuple(BITNET_KINDS)}, got {kind!r}")
+        problem = int4_shape_problem(in_features, out_features, int4_group_size(in_features))
+        if problem:
+            raise UserError(f"packed BitNet cannot hold a {out_features}x{in_features} weight: {problem}")
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
-        bits = BITNET_KINDS[kind]
-        numel = in_features * out_features
-        self.register_buffer("packed", torch.zeros(-(-numel // (8 // bits)), dtype=torch.uint8))
+        self.group_size = int4_group_size(in_features)
+        codes = torch.full((out_features, in_features), INT4_ZERO_CODE, dtype=torch.uint8)
+        self.register_buffer("kernel_codes", pack_int4(codes), persistent=False)
+        unit = torch.zeros(in_features // self.group_size, out_features, 2, dtype=ACTIVATION_DTYPE)
+        unit[..., 0] = 1.0
+        self.register_buffer("unit_scales", unit, persistent=False)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
@@ -121,24 +142,44 @@ class PackedBitLinear(nn.Module):
         packed = cls(layer.in_features, layer.out_features, layer.bias is not None, layer.kind)
         with torch.no_grad():
             weight = layer.weight.float()
-            # ternary codes -1, 0, 1 stored as 0, 1, 2; binary codes -1, 1 as 0, 1
-            codes = weight_codes(weight, layer.kind)
-            codes = codes + 1 if layer.kind == "bitnet1.58" else (codes + 1) / 2
-            packed.packed.copy_(pack_codes(codes, BITNET_KINDS[layer.kind]))
+            packed.set_codes(weight_codes(weight, layer.kind))
             packed.scale.copy_(weight_scale(weight))
             if layer.bias is not None:
                 packed.bias.copy_(layer.bias)
         return packed
 
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """Codes in {-1, 0, 1} (or {-1, 1}) of shape (out, in) into the kernel's layout."""
+        self.kernel_codes = pack_int4((codes + INT4_ZERO_CODE).to(torch.uint8))
+
+    def codes(self) -> torch.Tensor:
+        return unpack_int4(self.kernel_codes, self.in_features, self.group_size).float() - INT4_ZERO_CODE
+
+    def file_tensors(self) -> Dict[str, torch.Tensor]:
+        codes = self.codes()
+        # ternary codes -1, 0, 1 stored as 0, 1, 2; binary codes -1, 1 as 0, 1
+        stored = codes + 1 if self.kind == "bitnet1.58" else (codes + 1) / 2
+        return {"packed": pack_codes(stored, BITNET_KINDS[self.kind])}
+
+    def file_shapes(self) -> Dict[str, tuple]:
+        numel = self.in_features * self.out_features
+        return {"packed": (-(-numel // (8 // BITNET_KINDS[self.kind])),)}
+
+    def load_file_tensors(self, tensors: Dict[str, torch.Tensor]) -> None:
+        stored = unpack_codes(tensors["packed"], BITNET_KINDS[self.kind], self.in_features * self.out_features).float()
+        codes = stored - 1 if self.kind == "bitnet1.58" else stored * 2 - 1
+        self.set_codes(codes.view(self.out_features, self.in_features))
+
     def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized weight: code times scale."""
-        codes = unpack_codes(self.packed, BITNET_KINDS[self.kind], self.in_features * self.out_features).float()
-        codes = codes - 1 if self.kind == "bitnet1.58" else codes * 2 - 1
-        return (codes.view(self.out_features, self.in_features) * self.scale).to(dtype)
+        return (self.codes() * self.scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return bitnet_linear(x, self.weight(x.dtype), bias)
+        x_n = F.rms_norm(x, (x.shape[-1],), eps=RMS_EPS)
+        step = 127.0 / x_n.abs().amax(dim=-1, keepdim=True).clamp(min=SCALE_EPS)  # quantize_activations' scale
+        levels = (x_n * step).round().clamp(-128, 127)
+        out = int4_matmul(levels, self.kernel_codes, self.group_size, self.unit_scales) * (self.scale / step)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"

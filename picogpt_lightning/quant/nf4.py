@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from picogpt_lightning.errors import UserError
-from picogpt_lightning.quant.bitnet import BitLinear, PackedBitLinear
+from picogpt_lightning.quant.replace import replace_linears
 
 # bitsandbytes.functional.get_4bit_type("nf4"): quantiles of N(0, 1) scaled to [-1, 1] (QLoRA, appendix E)
 NF4_CODE = torch.tensor([
@@ -157,21 +157,4 @@ def quantize_nf4(
     A layer is left in full precision when its name, or its attribute name, is in `skip`
     (by default the lm_head, which a tied model shares with the embeddings).
     """
-    skip = set(skip)
-    shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            full_name = f"{parent_name}.{name}" if parent_name else name
-            if isinstance(child, (BitLinear, PackedBitLinear)):
-                raise UserError(
-                    f"{full_name} is a BitNet layer: a BitNet model has its own packed format (method 'bitnet'), not NF4"
-                )
-            if not isinstance(child, nn.Linear) or name in skip or full_name in skip:
-                continue
-            if id(child.weight) in shared:
-                raise UserError(
-                    f"{full_name} shares its weight with an embedding (tied weights); add {name!r} to skip so the "
-                    "tie and the embedding stay in full precision"
-                )
-            setattr(parent, name, NF4Linear.from_linear(child, block_size, double_quant))
-    return model
+    return replace_linears(model, lambda layer: NF4Linear.from_linear(layer, block_size, double_quant), "NF4", skip)
