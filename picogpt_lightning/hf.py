@@ -10,10 +10,12 @@ keeps q, k and v in one matrix whose rows are [n_head * hs | groups * hs | group
 llama keeps three matrices. Everything else is a rename.
 """
 
+import os
 from typing import Dict, Optional
 
 import torch
 
+from picogpt_lightning import checkpoints
 from picogpt_lightning.errors import UserError
 from picogpt_lightning.model import PicoGPT, PicoGPTConfig
 
@@ -161,14 +163,38 @@ def picogpt_state_dict(source: Dict[str, torch.Tensor], config: PicoGPTConfig) -
 
 
 def save_pretrained(model: PicoGPT, directory: str, tokenizer: Optional[object] = None) -> None:
-    """Writes a directory that AutoModelForCausalLM and AutoTokenizer.from_pretrained load offline."""
+    """Writes a directory that AutoModelForCausalLM and AutoTokenizer.from_pretrained load offline,
+    with a model card (README.md) saying what the model is and which special tokens it uses."""
     ids = {}
     if tokenizer is not None:
-        ids = dict(
-            bos_token_id=getattr(tokenizer, "bos_token_id", None),
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        tokenizer = tokenizer.for_export()  # bos, eos and pad, as transformers and lm-eval expect
+        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     to_hf(model, **ids).save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save(directory)
+    card = model_card(model.config, tokenizer)
+    checkpoints.write_atomically(os.path.join(directory, "README.md"), lambda file: file.write(card.encode()))
+
+
+def model_card(config: PicoGPTConfig, tokenizer=None) -> str:
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation", "---", "",
+        "# A picogpt_lightning model", "",
+        f"A llama-architecture decoder ({config.n_layer} layers, width {config.n_embd}, {config.n_head} heads, "
+        f"{config.n_query_groups} key/value groups, {config.vocab_size} tokens), trained on windows of "
+        f"{config.block_size} tokens and saved as `LlamaForCausalLM`.", "",
+        f"picogpt_lightning decodes past {config.block_size} tokens with a sliding window (each token sees the last "
+        f"{config.block_size}), as `MistralForCausalLM` with `sliding_window={config.block_size}` does on these weights; "
+        "`LlamaForCausalLM` attends to everything, so past that length the two differ.",
+    ]
+    if tokenizer is not None:
+        names = {"bos": tokenizer.hf.bos_token, "eos": tokenizer.hf.eos_token, "pad": tokenizer.hf.pad_token}
+        listed = ", ".join(f"{name} {token!r} (id {tokenizer.hf.convert_tokens_to_ids(token)})" for name, token in names.items())
+        lines += ["", f"Tokenizer: {tokenizer.kind!r}. Special tokens: {listed}."]
+        if tokenizer.kind == "char":
+            lines.append(
+                "A character vocabulary has no end-of-text symbol of its own, so the newline serves as bos, eos and pad: "
+                "transformers' `generate` stops at the end of a line unless given `eos_token_id=None`, and batches "
+                "pad on the left."
+            )
+    return "\n".join(lines) + "\n"

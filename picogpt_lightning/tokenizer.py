@@ -6,6 +6,7 @@ Hugging Face ecosystem needs nothing more than ``Tokenizer.save``.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -47,6 +48,29 @@ class Tokenizer:
     @property
     def eos_token_id(self) -> int | None:
         return self.hf.eos_token_id
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.hf.bos_token_id
+
+    def for_export(self) -> Tokenizer:
+        """A copy with bos, eos and pad tokens, which transformers' batched generation and lm-eval expect.
+
+        The tokenizer's own where it has them, else its eos for all three; a character
+        vocabulary has none, and takes the newline (a line is the unit of text it ends),
+        or its first symbol if it never saw one. The vocabulary and ids stay as they are.
+        Padding goes on the left, where decoder-only generation needs it.
+        """
+        hf = copy.deepcopy(self.hf)
+        fallback = hf.eos_token
+        if fallback is None:
+            symbols = hf.backend_tokenizer.get_vocab()
+            fallback = "\n" if "\n" in symbols else min(symbols, key=symbols.get)
+        for name in ("eos_token", "bos_token", "pad_token"):
+            if getattr(hf, name) is None:
+                setattr(hf, name, fallback)
+        hf.padding_side = hf.init_kwargs["padding_side"] = "left"  # init_kwargs: what save_pretrained writes
+        return Tokenizer(self.kind, hf)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, with no special tokens added."""
