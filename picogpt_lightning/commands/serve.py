@@ -11,8 +11,9 @@ Python's default: the main process dies at once and its workers with it).
 import multiprocessing
 import os
 import signal
+import socket
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from picogpt_lightning.commands.generate import check_device
 from picogpt_lightning.errors import InputNotFound, UserError
@@ -31,7 +32,7 @@ def serve(
     compile: Optional[bool] = None,
     queue_timeout: float = 120.0,
     model_name: Optional[str] = None,
-    log_level: str = "info",
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info",
 ) -> None:
     """Serve a checkpoint over HTTP with OpenAI's completions API (POST /v1/completions), through LitServe.
 
@@ -84,6 +85,7 @@ def check_flags(ckpt, host, port, device, max_batch_size, batch_timeout, queue_t
         raise UserError(f"--host {host!r}: LitServe listens on one of {', '.join(HOSTS)}; use 127.0.0.1 for this machine only")
     if not isinstance(port, int) or not 1024 <= port <= 65535:
         raise UserError(f"--port {port}: pick a port from 1024 to 65535")
+    check_port_free(host, port)
     if max_batch_size < 1:
         raise UserError(f"--max_batch_size {max_batch_size}: must be at least 1 (1: no batching)")
     if batch_timeout < 0:
@@ -91,6 +93,17 @@ def check_flags(ckpt, host, port, device, max_batch_size, batch_timeout, queue_t
     if not queue_timeout > batch_timeout:
         raise UserError(f"--queue_timeout {queue_timeout}: must be longer than --batch_timeout ({batch_timeout})")
     return check_device(device)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """uvicorn's answer to a taken port is a log line after the workers have started; this is one line before."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise UserError(f"--port {port}: cannot listen on {host}:{port} ({error.strerror}); pick another port") from None
 
 
 def drain_on_sigterm(server) -> None:

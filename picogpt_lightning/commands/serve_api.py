@@ -159,7 +159,8 @@ class CompletionsSpec(LitSpec):
         header = {"id": f"cmpl-{uid}", "object": "text_completion", "created": int(time.time()), "model": self.model_name}
         if request.stream:
             return StreamingResponse(self.events(request, header, first, messages), media_type="text/event-stream")
-        return JSONResponse(await self.collect(request, header, first, messages))
+        body = await self.collect(request, header, first, messages)
+        return JSONResponse(body, status_code=body["error"].pop("status", 500) if "error" in body else 200)
 
     async def worker_messages(self, uid: str, request: CompletionRequest):
         """The worker's messages for this request, decoded, ending with the one that holds the usage."""
@@ -185,7 +186,8 @@ class CompletionsSpec(LitSpec):
         """Server-sent events in OpenAI's format: text chunks, the optional usage chunk, `data: [DONE]`."""
         message = first
         while True:
-            if "error" in message:
+            if "error" in message:  # the worker broke mid-stream: the status line has gone, so the event says it
+                message["error"].pop("status", None)
                 yield f"data: {json.dumps(message)}\n\n"
                 return
             if message["choices"]:
@@ -202,7 +204,7 @@ class CompletionsSpec(LitSpec):
         message = first
         while True:
             if "error" in message:
-                return message  # a failure after the first step: the worker itself broke
+                return message  # a failure after the first step: the worker itself broke (a 500)
             for index, text, finish_reason in message["choices"]:
                 texts[index] = texts.get(index, "") + text
                 reasons[index] = finish_reason or reasons.get(index)
