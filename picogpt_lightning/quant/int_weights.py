@@ -40,10 +40,11 @@ def int4_quantize(weight: torch.Tensor, group_size: int):
     weight = weight.detach().float()
     groups = weight.view(weight.shape[0], -1, group_size)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scales = ((high - low) / 15).clamp(min=1e-6).to(ACTIVATION_DTYPE)
-    zeros = (low + scales.float() * INT4_ZERO_CODE).to(ACTIVATION_DTYPE)
-    minimum = zeros.float() - scales.float() * INT4_ZERO_CODE
-    codes = ((groups - minimum[..., None]) / scales.float()[..., None]).round().clamp(0, 15)
+    scales = ((high - low) / 15).clamp(min=1e-6)
+    zeros = (low + scales * INT4_ZERO_CODE).to(ACTIVATION_DTYPE)
+    scales = scales.to(ACTIVATION_DTYPE)
+    minimum = zeros - scales * INT4_ZERO_CODE  # in bfloat16, as torchao rounds it
+    codes = ((groups - minimum.float()[..., None]) / scales.float()[..., None]).round().clamp(0, 15)
     scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
     return codes.view_as(weight).to(torch.uint8), scales_and_zeros
 
