@@ -1,7 +1,10 @@
 """One tokenizer interface over three kinds: characters, a trained byte-level BPE, any HF tokenizer.
 
 Every kind is backed by a transformers ``PreTrainedTokenizerFast``, so handing a model to the
-Hugging Face ecosystem needs nothing more than ``Tokenizer.save``.
+Hugging Face ecosystem needs nothing more than ``Tokenizer.save``. Encoding and decoding call
+its Rust backend (the `tokenizers` library) directly, and a tokenizer read from a checkpoint
+builds the transformers object only when something asks for it: `generate` starts without
+importing transformers' tokenizer stack.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from picogpt_lightning import checkpoints
 from picogpt_lightning.errors import InputNotFound, UserError, first_line
@@ -26,32 +28,50 @@ _KIND_KEY = "picogpt_kind"  # saved in tokenizer_config.json so load() knows the
 class Tokenizer:
     """Text <-> token ids, whatever the kind; ``hf`` is the underlying transformers tokenizer."""
 
-    def __init__(self, kind: str, hf: PreTrainedTokenizerFast):
+    def __init__(self, kind: str, hf=None, backend: BackendTokenizer | None = None, special_tokens: dict | None = None):
+        """From a transformers ``PreTrainedTokenizerFast`` (`hf`), or from its Rust `backend` and
+        `special_tokens` ({"eos_token": "...", ...}), the transformers object then made when first used."""
         self.kind = kind
-        self.hf = hf
+        self._hf = hf
+        self.backend = hf.backend_tokenizer if hf is not None else backend
+        self._special_tokens = dict(special_tokens or {})
         # encode() calls the Rust backend directly; like transformers does on each call that asks for
         # neither, turn off any truncation or padding a tokenizer.json may carry.
-        hf.backend_tokenizer.no_truncation()
-        hf.backend_tokenizer.no_padding()
+        self.backend.no_truncation()
+        self.backend.no_padding()
+
+    @property
+    def hf(self):
+        """The transformers tokenizer (a ``PreTrainedTokenizerFast``)."""
+        if self._hf is None:
+            self._hf = _wrap(self.backend, **self._special_tokens)
+        return self._hf
+
+    def _special_token_id(self, name: str) -> int | None:
+        if self._hf is not None:
+            return getattr(self._hf, f"{name}_id")
+        token = self._special_tokens.get(name)
+        return None if token is None else self.backend.token_to_id(str(token))
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
 
     @property
     def vocab_size(self) -> int:
-        return len(self.hf)  # len() counts added special tokens, which the model must embed too
+        # counts added special tokens, which the model must embed too (as len() of the transformers one)
+        return self.backend.get_vocab_size(with_added_tokens=True)
 
     @property
     def pad_token_id(self) -> int | None:
-        return self.hf.pad_token_id
+        return self._special_token_id("pad_token")
 
     @property
     def eos_token_id(self) -> int | None:
-        return self.hf.eos_token_id
+        return self._special_token_id("eos_token")
 
     @property
     def bos_token_id(self) -> int | None:
-        return self.hf.bos_token_id
+        return self._special_token_id("bos_token")
 
     def for_export(self) -> Tokenizer:
         """A copy with bos, eos and pad tokens, which transformers' batched generation and lm-eval expect.
@@ -80,7 +100,7 @@ class Tokenizer:
         """``encode`` for many texts at once (the backend encodes them in parallel)."""
         try:
             # Plain ids need none of transformers' bookkeeping, which would double the time on a corpus.
-            encodings = self.hf.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)
+            encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
         except Exception as err:  # the Rust backend rejects unknown symbols without naming them
             raise self._encoding_error(texts, err) from err
         return [encoding.ids for encoding in encodings]
@@ -91,14 +111,15 @@ class Tokenizer:
             if ids.dim() != 1:
                 raise UserError(f"decode takes 1-D ids, got a tensor of shape {tuple(ids.shape)}; decode row by row")
             ids = ids.tolist()
-        return self.hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        # what transformers' decode does with these flags, without its bookkeeping
+        return self.backend.decode(ids, skip_special_tokens=False)
 
     def to_dict(self) -> dict:
         """A JSON-able description that ``from_dict`` turns back into an identical tokenizer."""
         return {
             "kind": self.kind,
-            "tokenizer_json": self.hf.backend_tokenizer.to_str(),
-            "special_tokens": dict(self.hf.special_tokens_map),
+            "tokenizer_json": self.backend.to_str(),
+            "special_tokens": dict(self._hf.special_tokens_map) if self._hf is not None else dict(self._special_tokens),
         }
 
     @classmethod
@@ -108,7 +129,7 @@ class Tokenizer:
         missing = [key for key in ("kind", "tokenizer_json", "special_tokens") if key not in d]
         if missing:
             raise UserError(f"tokenizer dict lacks {missing}; pass a dict made by Tokenizer.to_dict()")
-        return cls(d["kind"], _wrap(BackendTokenizer.from_str(d["tokenizer_json"]), **d["special_tokens"]))
+        return cls(d["kind"], backend=BackendTokenizer.from_str(d["tokenizer_json"]), special_tokens=d["special_tokens"])
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write Hugging Face files, so ``AutoTokenizer.from_pretrained(directory)`` loads them too."""
@@ -128,7 +149,7 @@ class Tokenizer:
         return cls.from_dict(checkpoints.load(path).require_tokenizer_dict())
 
     def _encoding_error(self, texts: list[str], err: Exception) -> UserError:
-        vocab = self.hf.get_vocab()
+        vocab = self.backend.get_vocab()
         unknown = sorted({char for text in texts for char in text} - vocab.keys())
         if unknown and all(len(token) == 1 for token in vocab):  # a character vocabulary
             return UserError(
@@ -183,7 +204,9 @@ def _train_bpe(text: str, vocab_size: int | None) -> Tokenizer:
     return Tokenizer("bpe", _wrap(backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN))
 
 
-def _load_pretrained(name: str) -> PreTrainedTokenizerFast:
+def _load_pretrained(name: str):
+    from transformers import AutoTokenizer
+
     try:
         hf = AutoTokenizer.from_pretrained(name)
     except Exception as err:
@@ -198,7 +221,9 @@ def _load_pretrained(name: str) -> PreTrainedTokenizerFast:
     return hf
 
 
-def _wrap(backend: BackendTokenizer, **special_tokens) -> PreTrainedTokenizerFast:
+def _wrap(backend: BackendTokenizer, **special_tokens):
+    from transformers import PreTrainedTokenizerFast
+
     # No cleanup: it would rewrite " ," as "," and break exact round trips.
     return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **special_tokens)
 
