@@ -7,6 +7,8 @@ from typing import List, Sequence
 
 import torch
 
+from picogpt_lightning.checkpoints import write_atomically
+
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEach section is written by the script it names; rerun the script to refresh it.\n"
 
@@ -36,5 +38,6 @@ def write_section(name: str, title: str, body: str) -> None:
         text = before + section + after
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
-    BENCHMARKS_MD.write_text(text)
+    # atomically: an interrupted benchmark never leaves half a BENCHMARKS.md
+    write_atomically(str(BENCHMARKS_MD), lambda file: file.write(text.encode()))
     print(section)
