@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from picogpt_lightning import PicoGPT, PicoGPTConfig
 from picogpt_lightning.cli import main as cli_main
@@ -287,8 +288,21 @@ def test_pipeline_trains_teacher_then_both_students_on_the_teachers_tokenizer(tm
 
     # the students' data used the teacher checkpoint's tokenizer; the teacher stays out of the student's file
     checkpoint = torch.load(tmp_path / "distill" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert checkpoint["datamodule_hyper_parameters"]["tokenizer"] == str(tmp_path / "teacher" / "last.ckpt")
+    assert checkpoint["datamodule_hyper_parameters"]["tokenizer"] == str(tmp_path / "teacher" / "best.ckpt")
     assert not any(key.startswith("teacher.") for key in checkpoint["state_dict"])
+
+    # every stage validated at its last step at the latest: val/loss in its own TensorBoard run
+    for stage, steps in (("teacher", 3), ("distill", 2), ("student", 2)):
+        events = EventAccumulator(str(tmp_path / "runs" / stage / "version_0"))
+        events.Reload()
+        assert [event.step for event in events.Scalars("val/loss")] == [steps - 1], stage
+    assert results[0].val_loss == pytest.approx(events_min_val_loss(tmp_path / "runs" / "teacher"), abs=1e-4)
+
+
+def events_min_val_loss(run: Path) -> float:
+    events = EventAccumulator(str(run / "version_0"))
+    events.Reload()
+    return min(event.value for event in events.Scalars("val/loss"))
 
 
 def test_throughput_counts_the_teachers_forward(tmp_path):

@@ -42,6 +42,7 @@ CPU_MODELS = {
     "student": {"n_layer": 2, "n_head": 4, "n_query_groups": 2, "n_embd": 96},
 }
 CPU_STEPS = {"teacher": 2000, "student": 1000}
+CPU_VAL_EVERY = 250  # steps between a stage's validations at cpu size: val/loss in each TensorBoard run
 
 
 @dataclass
@@ -65,7 +66,8 @@ def run_pipeline(
 
     Args:
         size: "cpu" shrinks configs/teacher, distill and student.yaml to run in minutes on a CPU; "full" runs them as written.
-        out_dir: where checkpoints (out_dir/<stage>/last.ckpt) and TensorBoard runs go.
+        out_dir: where checkpoints (out_dir/<stage>/last.ckpt, best.ckpt by val/loss) and TensorBoard runs go;
+            the student is distilled from the teacher's best.ckpt.
         teacher_steps: training steps of the teacher (default: 2000 at cpu size, the recipe's at full size).
         student_steps: training steps of each student, the same for both (default: 1000 at cpu size).
         prompt: the start of the distilled student's sample.
@@ -98,13 +100,19 @@ def run_pipeline(
             with lightning_reports_only_warnings():
                 run_lightning({"fit": config})
 
-        results = [evaluate(stage, out / stage / "last.ckpt") for stage in STAGES]
+        # the teacher as it taught, the students' final weights on equal terms
+        results = [evaluate(stage, scored_checkpoint(out, stage)) for stage in STAGES]
         text = sample(out / "distill" / "last.ckpt", prompt, sample_tokens)
     print_results(results, text)
     return results, text
 
 
 # ---- each stage's run: its recipe as data, with the pipeline's changes laid over it ------------
+
+
+def scored_checkpoint(out: Path, stage: str) -> Path:
+    """The teacher's best.ckpt (what the student learns from), each student's last.ckpt."""
+    return out / stage / ("best.ckpt" if stage == "teacher" else "last.ckpt")
 
 
 def stage_config(stage: str, out: Path, size: str, steps: Optional[int], progress_bar: bool) -> Dict[str, Any]:
@@ -116,14 +124,22 @@ def stage_config(stage: str, out: Path, size: str, steps: Optional[int], progres
         changes.append(cpu_overrides(role))
     if steps is not None:
         changes.append(step_overrides(steps, batch_size=CPU_DATA["batch_size"] if size == "cpu" else None))
-    teacher_checkpoint = str(out / "teacher" / "last.ckpt")
+    teacher_checkpoint = str(scored_checkpoint(out, "teacher"))
     if stage != "teacher":  # both students read the teacher's tokenizer: the very same token ids
         changes.append({"data": {"init_args": {"tokenizer": teacher_checkpoint}}})
     if stage == "distill":
         changes.append({"model": {"init_args": {"teacher": teacher_checkpoint}}})
     for change in changes:
         merge_into(config, change)
+    validate_every(config["trainer"], CPU_VAL_EVERY if size == "cpu" else None)
     return config
+
+
+def validate_every(trainer: Dict[str, Any], interval: Optional[int]) -> None:
+    """Sets the stage's validation interval (None: the recipe's), never past its last step, so every
+    stage's TensorBoard run has val/loss."""
+    interval = interval or trainer.get("val_check_interval") or CPU_VAL_EVERY
+    trainer["val_check_interval"] = min(interval, trainer.get("max_steps") or interval)
 
 
 def merge_into(config: Dict[str, Any], change: Dict[str, Any]) -> None:
@@ -136,11 +152,11 @@ def merge_into(config: Dict[str, Any], change: Dict[str, Any]) -> None:
 
 
 def stage_overrides(stage: str, out: Path, progress_bar: bool) -> Dict[str, Any]:
-    # the pipeline scores the final weights itself, so each fit skips validation and keeps last.ckpt
+    # each fit validates (val/loss in TensorBoard, best.ckpt by it); the pipeline scores the models itself after
     return {
-        "checkpoint": {"dirpath": str(out / stage), "monitor": None},
+        "checkpoint": {"dirpath": str(out / stage)},
         "trainer": {
-            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
             "logger": {"init_args": {"save_dir": str(out / "runs"), "name": stage}},
             "enable_progress_bar": progress_bar,
             "enable_model_summary": False,
