@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from picogpt_lightning.errors import UserError
+from picogpt_lightning.quant import nf4_kernel
 from picogpt_lightning.quant.replace import replace_linears
 
 # bitsandbytes.functional.get_4bit_type("nf4"): quantiles of N(0, 1) scaled to [-1, 1] (QLoRA, appendix E)
@@ -86,7 +87,8 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 class NF4Linear(nn.Module):
-    """A linear layer whose weight is stored in NF4 and dequantized in the input's dtype on every forward."""
+    """A linear layer whose weight is stored in NF4: decoding (up to nf4_kernel.MAX_ROWS activation rows)
+    runs the fused kernel of nf4_kernel.py; longer inputs dequantize in the input's dtype and call F.linear."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = False, block_size: int = 64, double_quant: bool = True
@@ -106,6 +108,15 @@ class NF4Linear(nn.Module):
         else:
             self.register_buffer("absmax", torch.ones(n_blocks))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        # the fused kernel's inputs, derived from the file's tensors whenever those change
+        self.fused = nf4_kernel.supports(in_features, block_size)
+        self.register_buffer("code", NF4_CODE.clone(), persistent=False)
+        self.register_buffer("decoded_absmax", torch.ones(n_blocks), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _: module.decode_absmax())
+
+    def decode_absmax(self) -> None:
+        with torch.no_grad():
+            self.decoded_absmax = self.block_absmax().float().clone()
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, block_size: int = 64, double_quant: bool = True) -> "NF4Linear":
@@ -122,6 +133,7 @@ class NF4Linear(nn.Module):
             nf4.absmax.copy_(absmax)
         if layer.bias is not None:
             nf4.bias.copy_(layer.bias.detach())
+        nf4.decode_absmax()
         return nf4
 
     def block_absmax(self) -> torch.Tensor:
@@ -140,7 +152,13 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        rows = x.numel() // x.shape[-1]
+        if not (self.fused and x.device.type == "cpu" and 0 < rows <= nf4_kernel.MAX_ROWS):
+            return F.linear(x, self.dequantize(x.dtype), bias)
+        flat = x.reshape(rows, self.in_features)
+        out = nf4_kernel.nf4_linear(flat, self.packed, self.decoded_absmax, self.code, self.out_features, self.block_size)
+        out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out if bias is None else out + bias
 
     def extra_repr(self) -> str:
         return (
