@@ -15,7 +15,6 @@ import re
 import shlex
 import shutil
 import sys
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional, Union
@@ -34,6 +33,7 @@ from picogpt_lightning import checkpoints, resume
 from picogpt_lightning.checkpoint_io import AtomicSaveConfigCallback, with_atomic_checkpoint_io
 from picogpt_lightning.callbacks import (
     InterruptCheckpoint, LastCheckpoint, NonFiniteLossCheck, RandomStateCheckpoint, add_run_callbacks,
+    hide_unactionable_output,
 )
 from picogpt_lightning.callbacks import stop_signals
 from picogpt_lightning.errors import InputNotFound, UserError, first_line
@@ -171,12 +171,7 @@ def run_lightning(args: RunArgs) -> LightningCLI:
     LightningCLI takes it, a subcommand's config as data: {"fit": {"model": ..., "data": ..., "trainer": ...}}.
     On SIGTERM or SIGINT, in any phase, exits with 128 + the signal number (a training run saves first).
     """
-    # Warnings no user can act on: Lightning cannot see that the data module restores the train loader's
-    # position (see its state_dict), a frozen teacher or reference model is in eval mode on purpose, and
-    # recent torch deprecates a check inside Lightning
-    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    hide_unactionable_output()  # warnings and tips no user can act on
     as_data = isinstance(args, dict)
     own_argv = not as_data and list(args) == sys.argv[1:]
     # LightningCLI warns when it is given arguments while the process has command-line arguments

@@ -329,6 +329,7 @@ def test_pipeline_output_reads_as_a_report(tmp_path, corpus):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert not re.search(r"\w*Warning\b|warn", output), output
+    assert not any(line in output for line in ("litlogger", "Total FLOPs", "Map:", "configure_callbacks")), output
     assert not re.search(r"Epoch \d+/-\d", output)
     stage_lines = [line for line in output.splitlines() if line.startswith("==> ")]
     assert len(stage_lines) == 3 and all("last.ckpt" in line and "logs in" in line for line in stage_lines)

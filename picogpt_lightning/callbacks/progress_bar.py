@@ -10,7 +10,8 @@ class StepProgressBar(RichProgressBar):
     one reads "Epoch 0" then. Lightning's training bar counts the batches of the current epoch
     against what is left of the run, which reads "300/99" on a resumed run; with max_steps set
     this one counts the run's optimizer steps instead, global_step of max_steps, across epochs
-    and resumes alike. The logger's version number (v_num) is left out of the metrics.
+    and resumes alike. The logger's version number (v_num) is left out of the metrics, and long
+    names are shortened (val/rewards/accuracies: val/acc).
     """
 
     @property
@@ -40,4 +41,15 @@ class StepProgressBar(RichProgressBar):
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
-        return metrics
+        return {short_name(name): value for name, value in metrics.items()}
+
+
+# long metric names cut to a few characters, so the bar's metrics fit beside it in 80 columns
+SHORT_NAMES = {"rewards/accuracies": "acc"}
+
+
+def short_name(name: str) -> str:
+    for long, short in SHORT_NAMES.items():
+        if name.endswith(long):
+            return name[: -len(long)] + short
+    return name

@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +25,23 @@ def export_checkpoint(checkpoint_path: str, directory: str, overwrite: bool = Fa
     checkpoints.require_unquantized(checkpoint, "a Hugging Face export")
     model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval(), Tokenizer.from_checkpoint(checkpoint)
     llama_config(model.config)  # refuse a model llama cannot express before writing anything
-    write_directory_atomically(directory, lambda staging: save_pretrained(model, staging, tokenizer))
+    with no_transformers_progress_bar():
+        write_directory_atomically(directory, lambda staging: save_pretrained(model, staging, tokenizer))
+
+
+@contextmanager
+def no_transformers_progress_bar():
+    """transformers' "Writing model shards" bar counts the one shard a model this small has; the line
+    export prints afterwards says what was written. The user's own setting returns afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def write_directory_atomically(directory: str, write: Callable[[str], None]) -> None:

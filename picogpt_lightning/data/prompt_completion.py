@@ -10,6 +10,8 @@ on the prompt and the padding, so only completion tokens are learnt.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -21,6 +23,21 @@ from picogpt_lightning.data.source import read_corpus
 from picogpt_lightning.data.truncate import tokenize
 from picogpt_lightning.errors import UserError
 from picogpt_lightning.tokenizer import Tokenizer, build_tokenizer
+
+
+@contextmanager
+def no_datasets_progress_bars():
+    """Tokenizing takes a second or two: datasets' "Map:" bars, one per split run together on one
+    line, would only bury the training's own output. The user's own setting returns afterwards."""
+    import datasets
+
+    disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not disabled:
+            datasets.enable_progress_bars()
 
 
 class PromptCompletionDataModule(PicoGPTDataModule):
@@ -159,12 +176,13 @@ class PromptCompletionDataModule(PicoGPTDataModule):
         train = train.add_column(INDEX_COLUMN, list(range(len(train))))
         val = val.add_column(INDEX_COLUMN, list(range(len(train), len(train) + len(val))))
         keep = [f"{column}_ids" for column in ("prompt",) + self.completion_columns] + [INDEX_COLUMN]
-        splits = tuple(
-            split.map(tokenize, batched=True, fn_kwargs=options, remove_columns=[c for c in split.column_names if c != INDEX_COLUMN])
-            .select_columns(keep)
-            .with_format(None)
-            for split in (train, val)
-        )
+        with no_datasets_progress_bars():
+            splits = tuple(
+                split.map(tokenize, batched=True, fn_kwargs=options, remove_columns=[c for c in split.column_names if c != INDEX_COLUMN])
+                .select_columns(keep)
+                .with_format(None)
+                for split in (train, val)
+            )
         for name, dataset in zip(("train", "val"), splits):
             if len(dataset) == 0:
                 raise UserError(f"the {name} split is empty; give more examples or a smaller val_fraction")

@@ -50,6 +50,8 @@ def logs_this_step(trainer: Optional[L.Trainer]) -> bool:
 class PicoGPTModule(L.LightningModule):
     """Base LightningModule: subclasses set `self.model` and define `compute_losses`."""
 
+    progress_bar_losses: Tuple[str, ...] = ("loss",)  # of compute_losses' parts, the ones the progress bar shows
+
     def __init__(
         self,
         config: PicoGPTConfig,
@@ -199,13 +201,15 @@ class PicoGPTModule(L.LightningModule):
         self.val_perplexity.update(logits.float(), batch["labels"])
         self.log(f"{stage}/ppl", self.val_perplexity, on_step=False, on_epoch=True, sync_dist=True)
 
-    def _log_losses(self, stage, losses, batch, **log_options) -> None:
+    def _log_losses(self, stage, losses, batch, prog_bar: bool = False, **log_options) -> None:
         # weight each batch by its real tokens so epoch means are per-token means; per-step values
         # need no weight, and counting there would stall the GPU once every training step
         weight = int(self.loss_items(batch)) if log_options.get("on_epoch") else None
         for name, value in losses.items():
+            shown = prog_bar and name in self.progress_bar_losses  # the rest in TensorBoard only
             self.log(
-                f"{stage}/{name}", value.detach(), batch_size=weight, sync_dist=stage != "train", **log_options
+                f"{stage}/{name}", value.detach(), batch_size=weight, sync_dist=stage != "train", prog_bar=shown,
+                **log_options,
             )
 
     # ---- setup, optimizer, schedule ---------------------------------------------------

@@ -54,6 +54,8 @@ class DPOModule(PicoGPTModule):
         **kwargs: optimizer and schedule arguments of PicoGPTModule.
     """
 
+    progress_bar_losses = ("loss", "rewards/accuracies")  # rewards and log-probs: TensorBoard
+
     def __init__(
         self,
         init_from: str,
