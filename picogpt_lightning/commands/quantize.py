@@ -24,7 +24,7 @@ def quantize_checkpoint(
     "nf4", "int8", "int4": every linear layer inside the blocks in NF4, int8 per output channel or int4 in
     groups of `group_size` inputs (the lm_head, tied to the embeddings, stays full precision). "bitnet": a
     model trained with linear="bitnet1.58" or "bitnet1", its weights as 2-bit or 1-bit codes plus one scale
-    per tensor, computing what the training model computes (up to the int4 kernel's bfloat16 sums).
+    per tensor, computing what the training model computes (up to the int8 kernel's bfloat16 sums).
     """
     if method not in QUANTIZATION_METHODS:
         raise UserError(f"quantization method must be one of {QUANTIZATION_METHODS}, got {method!r}")
