@@ -63,8 +63,27 @@ def print_help() -> None:
     print("\n'python -m picogpt_lightning <command> --help' lists a command's options.")
 
 
+def set_thread_defaults() -> None:
+    """Threads for small models on a shared CPU, where the user's environment says nothing.
+
+    OpenMP workers spin while they wait: beside another busy process on 2 cores a run crawls
+    (1.2 it/s against 14 it/s with one thread; BENCHMARKS.md, "CPU threads under load"). OMP_WAIT_POLICY
+    is read when OpenMP loads, with torch, before this runs, so here it reaches only the processes
+    a command starts (DDP ranks); the thread count is set for this process: half the cores, at most
+    4, as a 128-wide model gains little from more.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        threads = max(1, min(4, (os.cpu_count() or 1) // 2))
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the same for the processes it starts
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    set_thread_defaults()
     if not argv or argv[0] in ("-h", "--help"):
         print_help()
         return
