@@ -67,18 +67,17 @@ def set_thread_defaults() -> None:
     """Threads for small models on a shared CPU, where the user's environment says nothing.
 
     OpenMP workers spin while they wait: beside another busy process on 2 cores a run crawls
-    (1.2 it/s against 14 it/s with one thread; BENCHMARKS.md, "CPU threads under load"). OMP_WAIT_POLICY
-    is read when OpenMP loads, with torch, before this runs, so here it reaches only the processes
-    a command starts (DDP ranks); the thread count is set for this process: half the cores, at most
-    4, as a 128-wide model gains little from more.
+    (1.2 it/s against 14 it/s with one thread; BENCHMARKS.md, "CPU threads under load"). Both
+    variables are read when torch loads OpenMP, which `python -m picogpt_lightning` has not done
+    yet (the package imports the model on first use); the processes a command starts inherit
+    them. The thread count: half the cores, at most 4, as a 128-wide model gains little from more.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "OMP_NUM_THREADS" not in os.environ:
-        import torch
-
         threads = max(1, min(4, (os.cpu_count() or 1) // 2))
-        torch.set_num_threads(threads)
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # the same for the processes it starts
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        if "torch" in sys.modules:  # called from Python after torch was loaded: the count still applies
+            sys.modules["torch"].set_num_threads(threads)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
