@@ -20,11 +20,8 @@ import torch
 import yaml
 
 from picogpt_lightning import PicoGPT, checkpoints
-from picogpt_lightning.callbacks.stop_signals import exits_on_signals
-from picogpt_lightning.data import TinyShakespeareDataModule
 from picogpt_lightning.errors import InputNotFound, UserError
 from picogpt_lightning.generation import generate_texts
-from picogpt_lightning.lightning_cli import run_lightning
 from picogpt_lightning.losses import IGNORE_INDEX, next_token_loss
 from picogpt_lightning.tokenizer import Tokenizer
 
@@ -77,6 +74,10 @@ def run_pipeline(
         sample_tokens: how many tokens to sample.
         progress_bar: show Lightning's progress bars.
     """
+    # Lightning loads only once a stage runs, so `python -m picogpt_lightning --help` starts without it
+    from picogpt_lightning.callbacks.stop_signals import exits_on_signals
+    from picogpt_lightning.lightning_cli import run_lightning
+
     if size not in ("cpu", "full"):
         raise UserError(f"size must be 'cpu' or 'full', got {size!r}")
     for stage in STAGES:
@@ -216,6 +217,8 @@ def lightning_reports_only_warnings():
 
 def evaluate(name: str, checkpoint_path: Path) -> StageResult:
     """Mean next-token cross-entropy of the final weights over the validation windows the run used."""
+    from picogpt_lightning.data import TinyShakespeareDataModule
+
     checkpoint = checkpoints.load(str(checkpoint_path))
     datamodule = TinyShakespeareDataModule(**checkpoint.datamodule_hparams)
     model = PicoGPT.from_checkpoint(checkpoint)
