@@ -18,18 +18,17 @@ project's own config type only, so a planted pickle cannot run code. Everything 
 this module: the model package knows nothing of Lightning's layout.
 """
 
-import contextlib
-import errno
+import hashlib
 import os
-import re
-import tempfile
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional
 
 import torch
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from picogpt_lightning.atomic import WriteError, sync_directory, write_atomically, write_error  # noqa: F401 (callers write through here)
 from picogpt_lightning.errors import InputNotFound, UserError
+from picogpt_lightning.lora import LoraSettings, fold
 from picogpt_lightning.model.config import PicoGPTConfig
 from picogpt_lightning.quant.packing import QUANTIZATION_METHODS, build_packed_layers
 
@@ -39,6 +38,7 @@ STATE_DICT_KEY = "state_dict"
 QUANTIZATION_KEY = "picogpt_quantization"  # {"method": "nf4" | "int8" | "int4" | "bitnet", ...}: quant/packing.py
 MODEL_PREFIX = "model."  # LightningModules here keep the trained PicoGPT as `self.model`
 COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps modules under this attribute name
+LORA_KEY = "picogpt_lora"  # {"settings": LoraSettings.to_dict(), "base": path, "base_sha256": ...}: adapters only
 LIGHTNING_VERSION_KEY = "pytorch-lightning_version"  # in every checkpoint the Lightning Trainer writes
 # fields that change how a model is trained, not what it computes: they may differ between
 # a stored config and the one a run asks for
@@ -46,7 +46,7 @@ TRAINING_ONLY_FIELDS = ("dropout", "neftune_noise_alpha")
 
 # Lightning stores hyperparameters beside the weights, a PicoGPTConfig among them; allowing the
 # type lets torch.load(weights_only=True) read this project's checkpoints, Lightning's resume too
-torch.serialization.add_safe_globals([PicoGPTConfig])
+torch.serialization.add_safe_globals([PicoGPTConfig, LoraSettings])
 
 
 class CheckpointError(UserError):
@@ -130,7 +130,37 @@ def load(path) -> Checkpoint:
             config = PicoGPTConfig.from_dict(dict(stored_config))
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"{path} holds a model config this version cannot read: {error}") from None
+    if LORA_KEY in contents:  # a LoRA run keeps its adapters only: fold them into the base it names
+        state_dict = fold_adapters(path, contents[LORA_KEY], state_dict)
     return Checkpoint(path, state_dict, config, contents.get(TOKENIZER_KEY), contents)
+
+
+def lora_base(path: str, entry: dict) -> "Checkpoint":
+    """The base checkpoint a LoRA run's adapters belong to, refused in one line if missing or changed."""
+    base_path = entry["base"]
+    if not os.path.isfile(base_path):
+        raise InputNotFound(
+            f"{path} holds LoRA adapters only, and their base model {base_path} (the run's init_from) is gone; "
+            "put it back, or use a checkpoint exported with --merge_adapters true"
+        )
+    if file_sha256(base_path) != entry["base_sha256"]:
+        raise CheckpointError(
+            f"{path} holds LoRA adapters trained on another version of {base_path} (its contents changed); "
+            "restore the base the run started from"
+        )
+    return load(base_path)
+
+
+def fold_adapters(path: str, entry: dict, adapters: dict) -> dict:
+    return fold(lora_base(path, entry).state_dict, adapters, LoraSettings.from_dict(entry["settings"]))
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def require_training_state(path) -> None:
@@ -231,112 +261,3 @@ def save(path, model: torch.nn.Module, tokenizer=None, **extra: Any) -> None:
     if tokenizer is not None:
         payload[TOKENIZER_KEY] = tokenizer.to_dict()
     write_atomically(os.fspath(path), lambda file: torch.save(payload, file))
-
-
-class WriteError(UserError):
-    """A file that could not be written (disk full, read-only, permissions), named with the cause in one line."""
-
-
-# what to do about the errors a write meets most; any other names its cause and asks to check the path
-WRITE_FIXES = {
-    errno.ENOSPC: "free space or choose another directory",
-    errno.EDQUOT: "free space within your quota or choose another directory",
-    errno.EROFS: "choose a directory on a writable filesystem",
-    **dict.fromkeys((errno.EACCES, errno.EPERM), "choose a directory you can write to"),
-    errno.EBUSY: "it is in use (a mount point?); choose another path",
-}
-
-
-def write_error(path, error: OSError) -> WriteError:
-    fix = WRITE_FIXES.get(error.errno, "check the path and the disk")
-    return WriteError(f"cannot write {path}: {error.strerror or error}; {fix}")
-
-
-def write_atomically(path: str, write) -> None:
-    """`write(file)` into a temporary file beside `path`, fsynced, then renamed over it.
-
-    The temporary file lives in the destination's own directory, so the rename never crosses
-    a filesystem and is atomic: `path` holds the previous file or the new one, never a part.
-    It is hidden and never ends in `.ckpt` (`.last.ckpt.<pid>.<random>.tmp`), so nothing takes it
-    for a checkpoint. A write that fails removes it and raises a one-line `WriteError` naming
-    `path` and the cause; one a SIGKILL left behind (a killed process cannot clean up) is removed
-    by the next write of the same file.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp, file = None, None
-    try:
-        os.makedirs(directory, exist_ok=True)
-        remove_stale_temporaries(path)
-        descriptor, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=directory)
-        with os.fdopen(descriptor, "wb") as raw:
-            os.fchmod(raw.fileno(), file_mode())  # mkstemp's 0600 would hide the file from the user's group
-            file = RecordingWriter(raw)
-            write(file)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        sync_directory(directory)  # the rename itself, on disk
-    except OSError as error:
-        raise write_error(path, error) from None
-    except Exception:
-        if file is not None and file.error is not None:  # torch.save reports a failed write as a RuntimeError
-            raise write_error(path, file.error) from None
-        raise
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-
-
-class RecordingWriter:
-    """A file whose `write` remembers its OSError, which torch.save turns into a RuntimeError ("unexpected pos")."""
-
-    def __init__(self, file):
-        self.file, self.error = file, None
-
-    def write(self, data) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as error:
-            self.error = error
-            raise
-
-    def __getattr__(self, name: str):
-        return getattr(self.file, name)
-
-
-def remove_stale_temporaries(path: str) -> None:
-    """Removes `path`'s temporary files whose writer (a pid on this machine) is gone: SIGKILLed mid-write."""
-    directory, name = os.path.split(os.path.abspath(path))
-    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[^.]+\.tmp")
-    for entry in os.listdir(directory):
-        match = pattern.fullmatch(entry)
-        if match and not process_running(int(match.group(1))):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(directory, entry))
-
-
-def process_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process exists (PermissionError: another user's)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def sync_directory(directory: str) -> None:
-    """fsyncs a directory, so a rename in it survives a power loss; filesystems that cannot are skipped."""
-    descriptor = os.open(directory, os.O_RDONLY)
-    with contextlib.suppress(OSError):
-        os.fsync(descriptor)
-    os.close(descriptor)
-
-
-def file_mode() -> int:
-    """The permissions a plain open() would give a new file under this process's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
