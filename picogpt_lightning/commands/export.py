@@ -12,21 +12,34 @@ from picogpt_lightning import PicoGPT, checkpoints
 from picogpt_lightning.commands.outputs import check_output
 from picogpt_lightning.errors import UserError
 from picogpt_lightning.hf import llama_config, save_pretrained
+from picogpt_lightning.hf_adapter import save_lora_export
+from picogpt_lightning.lora import LoraSettings
 from picogpt_lightning.tokenizer import Tokenizer
 
 # safetensors and tokenizers write from Rust and raise their own exception types, naming the OS error inside
 OS_ERROR_IN_MESSAGE = re.compile(r"os error (\d+)|code: (\d+)")
 
 
-def export_checkpoint(checkpoint_path: str, directory: str, overwrite: bool = False) -> None:
-    """A checkpoint of this project -> a Hugging Face directory (model, generation config, tokenizer), atomically."""
+def export_checkpoint(checkpoint_path: str, directory: str, overwrite: bool = False, merge_adapters: bool = False) -> bool:
+    """A checkpoint of this project -> a Hugging Face directory (model, generation config, tokenizer), atomically.
+
+    A LoRA run's checkpoint gives its base and, in `directory`/adapter, the adapter in peft's format;
+    with `merge_adapters`, the one model with the adapters folded in instead. True when an adapter was written."""
     check_output(directory, overwrite, inputs=[checkpoint_path], directory=True)
-    checkpoint = checkpoints.load(checkpoint_path)
+    checkpoint = checkpoints.load(checkpoint_path)  # a LoRA run's comes back folded
     checkpoints.require_unquantized(checkpoint, "a Hugging Face export")
     model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval(), Tokenizer.from_checkpoint(checkpoint)
     llama_config(model.config)  # refuse a model llama cannot express before writing anything
+    write = lambda staging: save_pretrained(model, staging, tokenizer)  # noqa: E731
+    entry = checkpoint.contents.get(checkpoints.LORA_KEY)
+    if entry is not None and not merge_adapters:
+        base_state = checkpoints.lora_base(checkpoint.path, entry).state_dict
+        adapters = checkpoints.model_state_dict(checkpoint.contents)
+        settings = LoraSettings.from_dict(entry["settings"])
+        write = lambda staging: save_lora_export(staging, base_state, adapters, model.config, settings, tokenizer)  # noqa: E731
     with no_transformers_progress_bar():
-        write_directory_atomically(directory, lambda staging: save_pretrained(model, staging, tokenizer))
+        write_directory_atomically(directory, write)
+    return entry is not None and not merge_adapters
 
 
 @contextmanager
@@ -119,13 +132,18 @@ def os_error(error: BaseException):
     return None
 
 
-def export(ckpt: str, out: str, overwrite: bool = False) -> None:
+def export(ckpt: str, out: str, overwrite: bool = False, merge_adapters: bool = False) -> None:
     """Write a checkpoint as a Hugging Face directory (LlamaForCausalLM + tokenizer) for from_pretrained.
 
     Args:
         ckpt: a checkpoint written by training (model config and tokenizer inside); the model must use mlp="swiglu".
         out: the directory to create; AutoModelForCausalLM and AutoTokenizer.from_pretrained(out) load it offline.
         overwrite: replace out if it already exists.
+        merge_adapters: for a LoRA run's checkpoint, write one model with the adapters folded in; by
+            default the base is written to out and the adapter, in peft's format, to out/adapter.
     """
-    export_checkpoint(ckpt, out, overwrite=overwrite)
+    wrote_adapter = export_checkpoint(ckpt, out, overwrite=overwrite, merge_adapters=merge_adapters)
     print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({out!r}) and AutoTokenizer.from_pretrained({out!r}) load it")
+    if wrote_adapter:
+        adapter = os.path.join(out, "adapter")
+        print(f"and its LoRA adapter: PeftModel.from_pretrained(that model, {adapter!r})")

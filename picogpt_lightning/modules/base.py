@@ -20,6 +20,7 @@ from picogpt_lightning.checkpoints import CONFIG_KEY, STATE_DICT_KEY, TOKENIZER_
 from picogpt_lightning.errors import UserError
 from picogpt_lightning.losses import IGNORE_INDEX, next_token_loss
 from picogpt_lightning.model.config import PicoGPTConfig
+from picogpt_lightning.modules.adapters import check_same_base, keep_adapters_only, missing_base_keys
 from picogpt_lightning.modules.data_link import ModelAwareData, attached_datamodule, attached_trainer, data_tokenizer
 from picogpt_lightning.modules.flops import flops_per_token, positions_in_batch, sequences_in_batch
 from picogpt_lightning.modules.optim import adamw, adamw_groups, has_loss_scaler, warmup_cosine, warmup_cosine_schedule
@@ -86,6 +87,7 @@ class PicoGPTModule(L.LightningModule):
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self._step_items = None  # loss items counted so far in this optimizer step (see training_step)
         self._frozen_saved: Dict[str, bool] = {}  # attribute name of each frozen model -> kept in checkpoints
+        self.lora_entry = None  # a LoRA run's base and settings (modules/adapters.py): checkpoints keep adapters only
 
     # ---- frozen models beside the trained one -----------------------------------------
 
@@ -103,7 +105,7 @@ class PicoGPTModule(L.LightningModule):
         """Strict, except that a frozen model left out of checkpoints may be missing (it comes from its path)."""
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         unsaved = tuple(f"{name}." for name, save in self._frozen_saved.items() if not save)
-        missing = [key for key in result.missing_keys if not key.startswith(unsaved)]
+        missing = [key for key in missing_base_keys(result.missing_keys, self.lora_entry) if not key.startswith(unsaved)]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(
                 f"the checkpoint does not match the trained model: missing keys {missing}, "
@@ -296,9 +298,11 @@ class PicoGPTModule(L.LightningModule):
             if not save:
                 for key in [key for key in state_dict if key.startswith(f"{name}.")]:
                     del state_dict[key]
+        keep_adapters_only(state_dict, self.lora_entry, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._resumed_schedule_length = checkpoint.get(SCHEDULE_LENGTH_KEY)  # read by configure_optimizers next
+        check_same_base(self.lora_entry, checkpoint)
         if STATE_DICT_KEY in checkpoint:  # resuming from a run that wrapped the model in torch.compile
             checkpoint[STATE_DICT_KEY] = strip_compile_prefix(checkpoint[STATE_DICT_KEY])
         if TOKENIZER_KEY in checkpoint and self.tokenizer is None:

@@ -18,6 +18,9 @@ fall faster; on a small model that drains probability into tokens neither side u
 text degrades. `rpo_alpha` adds the next-token loss on the chosen completions (trl's
 `rpo_alpha`, Pang et al., 2024), which keeps the policy a language model.
 
+With `lora`, the policy is the starting checkpoint with LoRA adapters, and the reference by
+default is that same model with its adapters switched off (trl's way): one model in memory.
+
 Either way the reference runs in eval mode without gradients, is not in the optimizer and not
 in this module's checkpoints (it is rebuilt from its path). Chosen and rejected completions go
 through each model in one padded batch (PreferenceDataModule puts every chosen row first).
@@ -29,8 +32,10 @@ import torch
 
 from picogpt_lightning import checkpoints
 from picogpt_lightning.errors import UserError
+from picogpt_lightning.lora import LoraSettings, adapters_disabled
 from picogpt_lightning.losses import check_dpo_options, dpo_loss, next_token_loss, sequence_log_probs
 from picogpt_lightning.model import PicoGPT
+from picogpt_lightning.modules.adapters import adapted_model
 from picogpt_lightning.modules.base import PicoGPTModule
 from picogpt_lightning.modules.data_link import IndexedData, attached_datamodule
 from picogpt_lightning.modules.flops import flops_per_token
@@ -51,6 +56,8 @@ class DPOModule(PicoGPTModule):
         loss_type: "sigmoid" (DPO), "ipo" (log-probs averaged over tokens) or "hinge".
         rpo_alpha: weight of the next-token loss on the chosen completions added to the DPO loss
             (None: DPO alone; the RPO paper uses 1.0).
+        lora: train LoRA adapters on the frozen init_from weights (picogpt_lightning/lora.py); the
+            reference is then the policy without its adapters unless `reference` names another.
         **kwargs: optimizer and schedule arguments of PicoGPTModule.
     """
 
@@ -65,6 +72,7 @@ class DPOModule(PicoGPTModule):
         label_smoothing: float = 0.0,
         loss_type: str = "sigmoid",
         rpo_alpha: Optional[float] = None,
+        lora: Optional[LoraSettings] = None,
         **kwargs,
     ):
         check_dpo_options(beta, label_smoothing, loss_type)
@@ -75,14 +83,19 @@ class DPOModule(PicoGPTModule):
         self.save_hyperparameters()
         self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
         self.rpo_alpha = rpo_alpha
-        self.model = PicoGPT.from_checkpoint(start)
+        if lora is None:
+            self.model = PicoGPT.from_checkpoint(start)
+        else:
+            self.model, self.lora_entry = adapted_model(start, lora)
         if start.tokenizer_dict is not None:
             self.tokenizer = Tokenizer.from_dict(start.tokenizer_dict)
         self.reference_path = init_from if reference is None else reference
         self.reference = None
         # (example index, [chosen, rejected]) log-probs, filled before training; rebuilt, not saved
         self.register_buffer("reference_table", torch.empty(0, 2), persistent=False)
-        if not precompute_reference:
+        # with adapters, the starting policy is the policy with its adapters off: no second model
+        self.reference_is_base = lora is not None and reference is None and not precompute_reference
+        if not (precompute_reference or self.reference_is_base):
             self.add_frozen("reference", self.load_reference(start if reference is None else reference))
 
     def load_reference(self, source) -> PicoGPT:
@@ -107,6 +120,9 @@ class DPOModule(PicoGPTModule):
         return logits, sequence_log_probs(logits, batch["labels"], average=self.loss_type == "ipo").chunk(2)
 
     def reference_log_probs(self, batch):
+        if self.reference_is_base:
+            with torch.no_grad(), adapters_disabled(self.model):
+                return self.log_probs(self.model, batch)[1]
         if self.reference is None:
             if self.reference_table.numel() == 0:
                 raise RuntimeError("the reference log-probs are not computed yet; the Trainer does it on fit start")
@@ -144,7 +160,8 @@ class DPOModule(PicoGPTModule):
         return torch.tensor(batch["input_ids"].shape[0] // 2, device=batch["input_ids"].device)
 
     def module_flops_per_token(self, seq_len: int, training: bool) -> int:
-        reference = 0 if self.reference is None else flops_per_token(self.reference.config, seq_len, training=False)
+        reference_config = self.config if self.reference_is_base else getattr(self.reference, "config", None)
+        reference = 0 if reference_config is None else flops_per_token(reference_config, seq_len, training=False)
         return super().module_flops_per_token(seq_len, training) + reference
 
     # ---- precomputed reference log-probs ------------------------------------------------
@@ -160,7 +177,7 @@ class DPOModule(PicoGPTModule):
 
     @torch.no_grad()
     def precompute_reference(self) -> None:
-        if self.reference is not None or self.reference_table.numel() > 0:
+        if self.reference is not None or self.reference_is_base or self.reference_table.numel() > 0:
             return
         datamodule = attached_datamodule(self)
         if not isinstance(datamodule, IndexedData):

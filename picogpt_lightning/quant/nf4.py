@@ -120,8 +120,15 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, block_size: int = 64, double_quant: bool = True) -> "NF4Linear":
-        nf4 = cls(layer.in_features, layer.out_features, layer.bias is not None, block_size, double_quant)
-        indices, absmax = blockwise_quantize(layer.weight, NF4_CODE, block_size)
+        return cls.from_weight(layer.weight, layer.bias, block_size, double_quant)
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, block_size: int = 64, double_quant: bool = True
+    ) -> "NF4Linear":
+        out_features, in_features = weight.shape
+        nf4 = cls(in_features, out_features, bias is not None, block_size, double_quant)
+        indices, absmax = blockwise_quantize(weight, NF4_CODE, block_size)
         nf4.packed.copy_(pack_nibbles(indices, fill=NF4_ZERO))  # bitsandbytes pads with the code of 0.0
         if double_quant:
             offset = absmax.mean()  # the constants are all positive: centring them uses the 8-bit range's sign
@@ -131,8 +138,8 @@ class NF4Linear(nn.Module):
             nf4.absmax_offset.copy_(offset)
         else:
             nf4.absmax.copy_(absmax)
-        if layer.bias is not None:
-            nf4.bias.copy_(layer.bias.detach())
+        if bias is not None:
+            nf4.bias.copy_(bias.detach())
         nf4.decode_absmax()
         return nf4
 
@@ -153,12 +160,19 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         rows = x.numel() // x.shape[-1]
-        if not (self.fused and x.device.type == "cpu" and 0 < rows <= nf4_kernel.MAX_ROWS):
+        # the kernel has no backward: an input that needs gradients (QLoRA training) takes F.linear
+        needs_grad = x.requires_grad and torch.is_grad_enabled()
+        if needs_grad or not (self.fused and x.device.type == "cpu" and 0 < rows <= nf4_kernel.MAX_ROWS):
             return F.linear(x, self.dequantize(x.dtype), bias)
         flat = x.reshape(rows, self.in_features)
         out = nf4_kernel.nf4_linear(flat, self.packed, self.decoded_absmax, self.code, self.out_features, self.block_size)
         out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if bias is None else out + bias
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed codes, under the name peft looks for to place adapters on a quantized layer's device."""
+        return self.packed
 
     def extra_repr(self) -> str:
         return (
