@@ -54,6 +54,8 @@ def llama_config(config: PicoGPTConfig, bos_token_id=None, eos_token_id=None, pa
         )
     if config.linear != "linear":
         raise UserError(f"linear={config.linear!r} has no Llama equivalent; export a model with linear='linear'")
+    if config.sub_norm:
+        raise UserError("sub_norm=True (SubLN) has no Llama equivalent; export a model trained with sub_norm=False")
     fields = {llama: getattr(config, pico) for pico, llama in SHARED_FIELDS}
     return LlamaConfig(
         **fields,

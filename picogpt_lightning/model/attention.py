@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from picogpt_lightning.model.config import PicoGPTConfig
-from picogpt_lightning.model.layers import make_dropout, make_linear
+from picogpt_lightning.model.layers import make_dropout, make_linear, make_sub_norm
 
 
 class RotaryEmbedding(nn.Module):
@@ -63,6 +63,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         qkv_width = (config.n_head + 2 * config.n_query_groups) * config.head_size
         self.qkv = make_linear(config, config.n_embd, qkv_width)  # one matmul for q, k and v
+        self.sub_norm = make_sub_norm(config, config.n_head * config.head_size)
         self.proj = make_linear(config, config.n_head * config.head_size, config.n_embd)
         self.proj.is_residual_projection = True
         self.resid_dropout = make_dropout(config.dropout)
@@ -75,14 +76,20 @@ class CausalSelfAttention(nn.Module):
         mask: Optional[torch.Tensor],
         cache=None,
         cache_position: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """The output, and the keys and values attended over (the cache's, when there is one)."""
+        output_qkv: bool = False,
+    ):
+        """The output, and the keys and values attended over (the cache's, when there is one).
+
+        output_qkv: also return this call's queries, keys and values, (B, heads, T, head_size) each,
+        queries and keys rotated (what the attention scores use), for attention-relation distillation.
+        """
         B, T, _ = x.shape
         H, G = self.n_head, self.n_query_groups
         # the fused projection's rows are [H query heads | G key heads | G value heads]
         heads = self.qkv(x).view(B, T, H + 2 * G, self.head_size).transpose(1, 2)
         rotated = apply_rotary(heads[:, : H + G], cos, sin)  # queries and keys in one pass
         q, k, v = rotated[:, :H], rotated[:, H:], heads[:, H + G :]
+        new_qkv = (q, k, v)
         if cache is not None:
             k, v = cache.update(k, v, cache_position)
 
@@ -95,4 +102,7 @@ class CausalSelfAttention(nn.Module):
             enable_gqa=self.n_query_groups != self.n_head,
         )
         y = y.transpose(1, 2).reshape(B, T, H * self.head_size)
-        return self.resid_dropout(self.proj(y)), (k, v)
+        if self.sub_norm is not None:
+            y = self.sub_norm(y)
+        out = self.resid_dropout(self.proj(y))
+        return (out, (k, v), new_qkv) if output_qkv else (out, (k, v))

@@ -27,6 +27,9 @@ class PicoGPTConfig:
     bias: bool = False
     neftune_noise_alpha: float = 0.0
     linear: str = "linear"  # the blocks' projections: "linear", "bitnet1.58" or "bitnet1" (BitLinear)
+    # SubLN (BitNet Distillation): an RMSNorm before attention's output projection and the MLP's down
+    # projection, which steadies the activations a low-bit projection quantizes
+    sub_norm: bool = False
 
     def __post_init__(self):
         if self.n_query_groups is None:
@@ -54,6 +57,8 @@ class PicoGPTConfig:
             raise UserError(f"PicoGPTConfig.mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
         if self.linear not in LINEAR_KINDS:
             raise UserError(f"PicoGPTConfig.linear must be one of {LINEAR_KINDS}, got {self.linear!r}")
+        if not isinstance(self.sub_norm, bool):
+            raise UserError(f"PicoGPTConfig.sub_norm must be true or false, got {self.sub_norm!r}")
         if self.intermediate_size is None:
             self.intermediate_size = default_intermediate_size(self.n_embd, self.mlp)
         elif not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0:

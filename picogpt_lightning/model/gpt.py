@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from picogpt_lightning.errors import UserError
 from picogpt_lightning.model.attention import CausalSelfAttention, RotaryEmbedding
 from picogpt_lightning.model.cache import KeysValues, KVCache, appended_positions, as_cache
 from picogpt_lightning.model.config import PicoGPTConfig
@@ -19,6 +20,7 @@ class PicoGPTOutput:
     logits: torch.Tensor
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     past_key_values: Optional[KVCache] = None  # iterates as (keys, values) per layer, like legacy tuples
+    qkv: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # one block's, with output_qkv_layer
 
 
 class Block(nn.Module):
@@ -31,9 +33,12 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
 
-    def forward(self, x, cos, sin, mask, cache=None, cache_position=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, cache_position)[0]
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, cos, sin, mask, cache=None, cache_position=None, output_qkv=False):
+        """The block's output; with output_qkv, also its attention's (queries, keys, values)."""
+        attended = self.attn(self.attn_norm(x), cos, sin, mask, cache, cache_position, output_qkv)
+        x = x + attended[0]
+        x = x + self.mlp(self.mlp_norm(x))
+        return (x, attended[2]) if output_qkv else x
 
 
 class PicoGPT(nn.Module):
@@ -78,13 +83,17 @@ class PicoGPT(nn.Module):
         use_cache: bool = False,
         output_hidden_states: bool = False,
         cache_position: Optional[torch.Tensor] = None,
+        output_qkv_layer: Optional[int] = None,
     ) -> PicoGPTOutput:
         """`past_key_values`: a cache of `picogpt_lightning.model.cache`, or transformers' legacy
         tuple of (keys, values) per layer. With use_cache=True and none given, a growing
         `DynamicCache` is made and returned; a given cache is extended in place and returned.
         A `StaticKVCache` is written at `cache_position` (T,) with an attention_mask of
         (B, cache.max_length) or none, as transformers' StaticCache is used. Inputs longer than
-        block_size attend through a sliding window of block_size tokens (see model/cache.py)."""
+        block_size attend through a sliding window of block_size tokens (see model/cache.py).
+        `output_qkv_layer`: a block index (negative counts from the end) whose attention's
+        queries, keys and values come back in `qkv` (attention-relation distillation)."""
+        qkv_layer = self._qkv_layer(output_qkv_layer)
         cache = as_cache(past_key_values, use_cache, self.config)
         mask, default_positions, cache_position = self._mask_and_positions(
             input_ids, attention_mask, cache, cache_position
@@ -99,8 +108,13 @@ class PicoGPT(nn.Module):
 
         cos, sin = self.rotary(position_ids, dtype=x.dtype)
         hidden_states: List[torch.Tensor] = [x] if output_hidden_states else []
+        qkv = None
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, cache.layers[i] if cache is not None else None, cache_position)
+            layer_cache = cache.layers[i] if cache is not None else None
+            if i == qkv_layer:
+                x, qkv = block(x, cos, sin, mask, layer_cache, cache_position, output_qkv=True)
+            else:
+                x = block(x, cos, sin, mask, layer_cache, cache_position)
             if output_hidden_states and i < len(self.blocks) - 1:
                 hidden_states.append(x)
         x = self.norm(x)
@@ -112,7 +126,17 @@ class PicoGPT(nn.Module):
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             # a cache the caller passed is returned as it was written in place, whatever use_cache says
             past_key_values=cache if use_cache or isinstance(past_key_values, KVCache) else None,
+            qkv=qkv,
         )
+
+    def _qkv_layer(self, layer: Optional[int]) -> Optional[int]:
+        """The block index output_qkv_layer names, counted from 0 (None: no block's)."""
+        if layer is None:
+            return None
+        n = self.config.n_layer
+        if not isinstance(layer, int) or not -n <= layer < n:
+            raise UserError(f"output_qkv_layer must be a block index in [-{n}, {n - 1}], got {layer!r}")
+        return layer % n
 
     def _mask_and_positions(self, input_ids, attention_mask, cache: Optional[KVCache], cache_position):
         """The attention mask, default rotary positions and cache positions of the new tokens."""

@@ -1,4 +1,4 @@
-"""The pieces of a llama-like block besides attention: projections, dropout, MLPs."""
+"""The pieces of a llama-like block besides attention: projections, SubLN norms, dropout, MLPs."""
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,11 @@ def make_linear(config: PicoGPTConfig, in_features: int, out_features: int) -> n
     return BitLinear(in_features, out_features, bias=config.bias, kind=config.linear)
 
 
+def make_sub_norm(config: PicoGPTConfig, width: int):
+    """SubLN's RMSNorm before an output projection, or None when config.sub_norm is off (no key, no call)."""
+    return nn.RMSNorm(width, eps=config.norm_eps) if config.sub_norm else None
+
+
 def make_dropout(p: float) -> nn.Module:
     # no dropout module at all when p == 0: one call less per use in every decoding step
     return nn.Dropout(p) if p > 0 else nn.Identity()
@@ -27,12 +32,16 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate_proj = make_linear(config, config.n_embd, config.intermediate_size)
         self.up_proj = make_linear(config, config.n_embd, config.intermediate_size)
+        self.sub_norm = make_sub_norm(config, config.intermediate_size)
         self.down_proj = make_linear(config, config.intermediate_size, config.n_embd)
         self.down_proj.is_residual_projection = True
         self.dropout = make_dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        if self.sub_norm is not None:
+            hidden = self.sub_norm(hidden)
+        return self.dropout(self.down_proj(hidden))
 
 
 class GeluMLP(nn.Module):
@@ -41,9 +50,13 @@ class GeluMLP(nn.Module):
     def __init__(self, config: PicoGPTConfig):
         super().__init__()
         self.fc = make_linear(config, config.n_embd, config.intermediate_size)
+        self.sub_norm = make_sub_norm(config, config.intermediate_size)
         self.proj = make_linear(config, config.intermediate_size, config.n_embd)
         self.proj.is_residual_projection = True
         self.dropout = make_dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        hidden = F.gelu(self.fc(x))
+        if self.sub_norm is not None:
+            hidden = self.sub_norm(hidden)
+        return self.dropout(self.proj(hidden))
