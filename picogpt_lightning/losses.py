@@ -6,6 +6,7 @@ float32, whatever the model's precision: softmax and KL of half-precision logits
 small probabilities that distillation is about, and DPO compares sums of many log-probs.
 """
 
+import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -121,6 +122,61 @@ def hidden_cosine_loss(
         cosine = F.cosine_similarity(student.float(), teacher.float(), dim=-1)
         losses.append(masked_mean(1.0 - cosine, mask))
     return torch.stack(losses).mean()
+
+
+def attention_relation_loss(
+    student_qkv: Sequence[torch.Tensor],
+    teacher_qkv: Sequence[torch.Tensor],
+    relation_heads: int,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """MiniLM-v2's self-attention relation loss, the mean of its Q-Q, K-K and V-V terms.
+
+    `student_qkv` and `teacher_qkv` are one layer's (queries, keys, values), each (B, heads, T,
+    head_size) as `PicoGPT(..., output_qkv_layer=i).qkv` gives them, or (B, T, width). Each is
+    joined across its heads to (B, T, width) and split into `relation_heads` heads of width
+    d_r = width / relation_heads; a head's relation is softmax over positions of X X^T / sqrt(d_r),
+    (T x T). The loss is KL(teacher relation || student relation) per position, averaged over
+    relation heads and real positions. Both models split into the same number of relation heads,
+    so relations compare across widths and head counts. `mask` (B, T): padding (0) is left out
+    as key and as query.
+    """
+    if len(student_qkv) != 3 or len(teacher_qkv) != 3:
+        raise UserError("attention_relation_loss needs (queries, keys, values) of the student and of the teacher")
+    if not isinstance(relation_heads, int) or relation_heads <= 0:
+        raise UserError(f"relation_heads must be a positive integer, got {relation_heads!r}")
+    losses = []
+    for name, student, teacher in zip(("queries", "keys", "values"), student_qkv, teacher_qkv):
+        student_log = relation_log_probs(joined_heads(student), relation_heads, mask, f"student {name}")
+        teacher_log = relation_log_probs(joined_heads(teacher), relation_heads, mask, f"teacher {name}")
+        if student_log.shape != teacher_log.shape:
+            raise UserError(
+                f"student {name} {tuple(student.shape)} and teacher {name} {tuple(teacher.shape)} differ in batch "
+                "or length; relations need the same tokens through both models"
+            )
+        per_query = (teacher_log.exp() * (teacher_log - student_log)).sum(dim=-1)  # (B, heads, T)
+        losses.append(masked_mean(per_query.mean(dim=1), mask))
+    return torch.stack(losses).mean()
+
+
+def joined_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, T, head_size) -> (B, T, heads * head_size); (B, T, width) as it is."""
+    return x.transpose(1, 2).flatten(2) if x.dim() == 4 else x
+
+
+def relation_log_probs(x: torch.Tensor, heads: int, mask: Optional[torch.Tensor], name: str) -> torch.Tensor:
+    """log softmax(X_r X_r^T / sqrt(d_r)) of each relation head r, (B, heads, T, T), in float32."""
+    B, T, width = x.shape
+    if width % heads != 0:
+        raise UserError(f"{name} have width {width}, not divisible by relation_heads={heads}; pick a divisor of it")
+    split = x.float().view(B, T, heads, width // heads).transpose(1, 2)  # (B, heads, T, d_r)
+    scores = split @ split.transpose(-1, -2) / math.sqrt(width // heads)
+    if mask is not None:
+        # the float32 minimum, not -inf: a padding key then gets probability exactly 0 in both models,
+        # and 0 * (finite log-ratio) keeps the KL and its gradient free of NaN
+        keys = mask.bool()[:, None, None, :]
+        scores = scores.masked_fill(~keys, torch.finfo(torch.float32).min)
+    return F.log_softmax(scores, dim=-1)
 
 
 def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -3,6 +3,7 @@
     loss = alpha_ce * CE(student, labels)
          + alpha_kd * T^2 KL(softmax(teacher / T) || softmax(student / T))    (Hinton et al., 2015)
          + alpha_cos * (1 - cos(student hidden states, teacher hidden states)) (DistilBERT)
+         + alpha_attn * KL of one layer's Q-Q, K-K, V-V attention relations   (MiniLM v2)
 
 Defaults: T = 1, alpha_ce = 0, alpha_kd = 1, alpha_cos = 0: pure forward KL to the
 teacher's own distribution.
@@ -21,6 +22,10 @@ teacher's own distribution.
   learned projection between widths, and it ties a small student's layers to a teacher's
   it cannot match; turn it on with alpha_cos > 0 (an explicit layer_map if the teacher's
   depth is not a multiple of the student's).
+
+BitNet Distillation (Wu et al., 2025): a BitNet student with sub_norm=True starts from the
+full-precision teacher's weights (`init_from`; BitLinear keeps full-precision latent weights) and
+learns from KD plus one layer pair's attention relations (alpha_attn): configs/bitnet_distill.yaml.
 
 The teacher is a checkpoint of this project (a .ckpt or PicoGPT.save file) or any
 transformers AutoModelForCausalLM (local directory or hub id). Either way the data must be
@@ -41,14 +46,18 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from picogpt_lightning import checkpoints
 from picogpt_lightning.errors import UserError, first_line
-from picogpt_lightning.losses import IGNORE_INDEX, default_layer_map, hidden_cosine_loss, kd_loss, next_token_loss
+from picogpt_lightning.losses import (
+    IGNORE_INDEX, attention_relation_loss, default_layer_map, hidden_cosine_loss, kd_loss, next_token_loss,
+)
 from picogpt_lightning.model import PicoGPT, PicoGPTConfig
 from picogpt_lightning.modules.base import PicoGPTModule
 from picogpt_lightning.modules.data_link import attached_datamodule, data_tokenizer
 from picogpt_lightning.modules.flops import flops_per_token
 
 QUANTIZATIONS = ("4bit",)
+WARM_START_FREE_FIELDS = ("linear", "sub_norm")  # a BitNet or SubLN student may start from a plain model's weights
 
 
 class DistillationModule(PicoGPTModule):
@@ -65,6 +74,12 @@ class DistillationModule(PicoGPTModule):
             to teacher block k * i when the teacher is k times deeper. Used when alpha_cos > 0.
         teacher_quantization: "4bit" loads a transformers teacher in NF4 (bitsandbytes, CUDA).
         save_teacher: keep the teacher's weights in this module's checkpoints.
+        alpha_attn: weight of the attention-relation loss (needs a PicoGPT teacher).
+        attn_layer: (student block, teacher block) whose relations are matched, indices from 0,
+            negative from the end; None: the last block of each.
+        relation_heads: heads both models' q, k, v split into for relations; None: the student's n_head.
+        init_from: a full-precision checkpoint of the student's shape whose weights start the student
+            (linear and sub_norm may differ; sub-norms absent from it start at ones).
         **kwargs: optimizer and schedule arguments of PicoGPTModule.
     """
 
@@ -80,11 +95,15 @@ class DistillationModule(PicoGPTModule):
         layer_map: Optional[Dict[int, int]] = None,
         teacher_quantization: Optional[str] = None,
         save_teacher: bool = False,
+        alpha_attn: float = 0.0,
+        attn_layer: Optional[Tuple[int, int]] = None,
+        relation_heads: Optional[int] = None,
+        init_from: Optional[str] = None,
         **kwargs,
     ):
         super().__init__(config, **kwargs)
         self.save_hyperparameters()
-        check_weights(temperature, alpha_ce, alpha_kd, alpha_cos)
+        check_weights(temperature, alpha_ce, alpha_kd, alpha_cos, alpha_attn)
         if kd_top_k is not None and kd_top_k < 1:
             raise UserError(f"kd_top_k must be a positive number of tokens or None (all), got {kd_top_k}")
         self.temperature = temperature
@@ -104,22 +123,31 @@ class DistillationModule(PicoGPTModule):
             self.layer_map = resolve_layer_map(layer_map, config.n_layer, teacher_layers)
             if config.n_embd != teacher_width:  # learned, trained with the student, not part of it
                 self.hidden_projection = nn.Linear(config.n_embd, teacher_width, bias=False)
+        self.alpha_attn, self.attn_layers = alpha_attn, None
+        self.relation_heads = config.n_head if relation_heads is None else relation_heads
+        if alpha_attn > 0:
+            self.attn_layers = resolve_attn_layers(attn_layer, self.relation_heads, self.config, teacher_model)
+        self._pending_init_from = init_from  # read at setup, as LanguageModelModule's init_from
 
     @property
     def uses_teacher(self) -> bool:
-        return self.alpha_kd > 0 or self.alpha_cos > 0
+        return self.alpha_kd > 0 or self.alpha_cos > 0 or self.alpha_attn > 0
 
     # ---- the teacher stays frozen (PicoGPTModule.add_frozen) ---------------------------
 
     @torch.no_grad()
     def teacher_forward(self, batch, output_hidden_states: bool):
-        out = self.teacher(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            output_hidden_states=output_hidden_states,
-            use_cache=False,
-        )
+        out = self.teacher_output(batch, output_hidden_states)
         return out.logits, out.hidden_states
+
+    @torch.no_grad()
+    def teacher_output(self, batch, output_hidden_states: bool, qkv_layer: Optional[int] = None):
+        """The teacher's output; `qkv_layer`, a block of a PicoGPT teacher, adds that block's `qkv`."""
+        extra = {} if qkv_layer is None else {"output_qkv_layer": qkv_layer}  # transformers models lack the argument
+        return self.teacher(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+            output_hidden_states=output_hidden_states, use_cache=False, **extra,
+        )
 
     def module_flops_per_token(self, seq_len: int, training: bool) -> int:
         # every step also runs the teacher forward, which counts towards throughput and MFU
@@ -130,23 +158,28 @@ class DistillationModule(PicoGPTModule):
 
     def compute_losses(self, batch):
         with_hidden = self.alpha_cos > 0
+        student_layer, teacher_layer = self.attn_layers or (None, None)
         student = self.model(
-            batch["input_ids"], attention_mask=batch.get("attention_mask"), output_hidden_states=with_hidden
+            batch["input_ids"], attention_mask=batch.get("attention_mask"), output_hidden_states=with_hidden,
+            output_qkv_layer=student_layer,
         )
         losses = {"ce": next_token_loss(student.logits, batch["labels"])}
         total = self.alpha_ce * losses["ce"]
         if not self.uses_teacher:  # labels only: the teacher's forward would go unused
             return {"loss": total, **losses}, student.logits
-        teacher_logits, teacher_hidden = self.teacher_forward(batch, with_hidden)
+        teacher = self.teacher_output(batch, with_hidden, teacher_layer)
         real_tokens = batch["labels"] != IGNORE_INDEX
-        losses["kd"] = kd_loss(student.logits, teacher_logits, self.temperature, mask=real_tokens, top_k=self.kd_top_k)
+        losses["kd"] = kd_loss(student.logits, teacher.logits, self.temperature, mask=real_tokens, top_k=self.kd_top_k)
         total = total + self.alpha_kd * losses["kd"]
         if with_hidden:
             losses["cos"] = hidden_cosine_loss(
-                student.hidden_states, teacher_hidden, self.layer_map, mask=real_tokens,
+                student.hidden_states, teacher.hidden_states, self.layer_map, mask=real_tokens,
                 projection=self.hidden_projection,
             )
             total = total + self.alpha_cos * losses["cos"]
+        if self.attn_layers is not None:
+            losses["attn"] = attention_relation_loss(student.qkv, teacher.qkv, self.relation_heads, batch.get("attention_mask"))
+            total = total + self.alpha_attn * losses["attn"]
         return {"loss": total, **losses}, student.logits
 
     # ---- checks before the first step, and checkpoints ---------------------------------
@@ -161,16 +194,78 @@ class DistillationModule(PicoGPTModule):
                 f"(data tokenizer: {self.hparams.teacher!r})"
             )
         super().setup(stage)
+        if self._pending_init_from is not None:
+            warm_start(self.model, self._pending_init_from, self.tokenizer)
+            self._pending_init_from = None  # once: a second fit or validate keeps the trained weights
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._pending_init_from = None  # the checkpoint's own weights replace the starting point
 
 
-def check_weights(temperature: float, alpha_ce: float, alpha_kd: float, alpha_cos: float) -> None:
+def check_weights(temperature: float, alpha_ce: float, alpha_kd: float, alpha_cos: float, alpha_attn: float) -> None:
     if temperature <= 0:
         raise UserError(f"temperature must be > 0, got {temperature}")
-    for name, value in (("alpha_ce", alpha_ce), ("alpha_kd", alpha_kd), ("alpha_cos", alpha_cos)):
+    weights = {"alpha_ce": alpha_ce, "alpha_kd": alpha_kd, "alpha_cos": alpha_cos, "alpha_attn": alpha_attn}
+    for name, value in weights.items():
         if value < 0:
             raise UserError(f"{name} must be >= 0, got {value}")
-    if alpha_ce + alpha_kd + alpha_cos == 0:
-        raise UserError("alpha_ce, alpha_kd and alpha_cos are all 0: nothing to train on; set at least one > 0")
+    if sum(weights.values()) == 0:
+        raise UserError(f"{', '.join(weights)} are all 0: nothing to train on; set at least one > 0")
+
+
+def resolve_attn_layers(attn_layer, heads: int, student: PicoGPTConfig, teacher: nn.Module) -> Tuple[int, int]:
+    """The (student, teacher) block pair of the relation loss, checked now against both models, as relation_heads."""
+    if not isinstance(teacher, PicoGPT):
+        raise UserError(
+            "alpha_attn > 0 reads the teacher's queries, keys and values, which needs a PicoGPT teacher "
+            "(a checkpoint of this project); set alpha_attn 0 for a transformers teacher"
+        )
+    pair = (-1, -1) if attn_layer is None else tuple(attn_layer)
+    if len(pair) != 2:
+        raise UserError(f"attn_layer must be a (student block, teacher block) pair, got {attn_layer!r}")
+    for name, index, depth in (("student", pair[0], student.n_layer), ("teacher", pair[1], teacher.config.n_layer)):
+        if not isinstance(index, int) or not -depth <= index < depth:
+            raise UserError(
+                f"attn_layer's {name} block {index!r} is out of range; the {name} has blocks -{depth}..{depth - 1}"
+            )
+    widths = sorted({w for c in (student, teacher.config) for w in (c.n_embd, c.n_query_groups * c.head_size)})
+    if not isinstance(heads, int) or heads <= 0 or any(width % heads for width in widths):
+        raise UserError(
+            f"relation_heads must divide every query and key width of student and teacher {widths}, got {heads!r}; "
+            "pick a common divisor (None: the student's n_head)"
+        )
+    return pair
+
+
+def warm_start(student: PicoGPT, path: str, tokenizer) -> None:
+    """Copies a full-precision checkpoint's weights into the student, whose linear kind and sub_norm may differ.
+
+    BitLinear keeps full-precision latent weights, so an nn.Linear's weight loads as it is; a fresh
+    RMSNorm's weight is ones, so sub-norms the checkpoint lacks start as a plain RMS normalisation.
+    """
+    checkpoint = checkpoints.load(path)
+    checkpoints.require_unquantized(checkpoint, "init_from (training needs full-precision weights)")
+    if checkpoint.config is not None:
+        differences = checkpoints.architecture_differences(checkpoint.config, student.config)
+        listed = [f"{name} {a!r} vs {b!r}" for name, (a, b) in differences.items()
+                  if name not in WARM_START_FREE_FIELDS]
+        if listed:
+            raise checkpoints.CheckpointError(
+                f"init_from {path} has another architecture than the student ({', '.join(listed)}, checkpoint vs "
+                "student); only linear and sub_norm may differ"
+            )
+    missing, unexpected = student.load_state_dict(checkpoint.state_dict, strict=False)
+    missing = [key for key in missing if ".sub_norm." not in key]
+    if missing or unexpected:
+        raise checkpoints.CheckpointError(
+            f"init_from {path} does not match the student: missing keys {missing}, unexpected keys {unexpected}"
+        )
+    stored_tokenizer = checkpoint.tokenizer_dict
+    if stored_tokenizer is not None and tokenizer is not None and tokenizer.to_dict() != stored_tokenizer:
+        raise checkpoints.CheckpointError(
+            f"init_from {path} was trained with another tokenizer than the data's; tokenize with its own"
+        )
 
 
 def resolve_layer_map(layer_map: Optional[Dict[int, int]], student_layers: int, teacher_layers: int):
