@@ -23,6 +23,7 @@ from picogpt_lightning.model.config import PicoGPTConfig
 from picogpt_lightning.modules.adapters import check_same_base, keep_adapters_only, missing_base_keys
 from picogpt_lightning.modules.data_link import ModelAwareData, attached_datamodule, attached_trainer, data_tokenizer
 from picogpt_lightning.modules.flops import flops_per_token, positions_in_batch, sequences_in_batch
+from picogpt_lightning.modules.muon import MuonOptions, check_optimizer_name, muon_with_adamw
 from picogpt_lightning.modules.optim import adamw, adamw_groups, has_loss_scaler, warmup_cosine, warmup_cosine_schedule
 from picogpt_lightning.modules.sharding import check_data_parallel_mesh, clip_grad_norm, shard_trainable_modules
 from picogpt_lightning.tokenizer import Tokenizer
@@ -63,7 +64,15 @@ class PicoGPTModule(L.LightningModule):
         weight_decay: float = 0.1,
         betas: Tuple[float, float] = (0.9, 0.95),
         compile: bool = False,
+        optimizer: str = "adamw",
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
+        muon_weight_decay: float = 0.0,
+        muon_adjust_lr: str = "original",
     ):
+        """optimizer: "adamw" trains every parameter with AdamW at learning_rate; "muon" trains the blocks'
+        matrices with torch.optim.Muon (muon_lr, muon_momentum, muon_weight_decay, muon_adjust_lr: its
+        adjust_lr_fn) and the rest (embeddings, norms, lm_head) with AdamW; see modules/muon.py."""
         super().__init__()
         if learning_rate <= 0 or min_lr < 0 or min_lr > learning_rate:
             raise UserError(
@@ -81,6 +90,8 @@ class PicoGPTModule(L.LightningModule):
         self.lr_decay_steps = lr_decay_steps
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
+        self.optimizer_name = check_optimizer_name(optimizer)
+        self.muon_options = MuonOptions(muon_lr, muon_momentum, muon_weight_decay, muon_adjust_lr)
         self.compile_model = compile  # `self.compile` would hide nn.Module.compile
         self.compiled_losses = None  # torch.compile(self.compute_losses), built in configure_model
         self.tokenizer = None  # taken from the datamodule in setup(), stored in checkpoints
@@ -259,7 +270,13 @@ class PicoGPTModule(L.LightningModule):
         clip_grad_norm(self, self.trainer.strategy.model, gradient_clip_val)
 
     def configure_optimizers(self):
-        optimizer = adamw(adamw_groups(self, self.weight_decay), self.learning_rate, self.betas, attached_trainer(self))
+        trainer = attached_trainer(self)
+        if self.optimizer_name == "muon":
+            optimizer = muon_with_adamw(
+                self, self.model.blocks, self.muon_options, self.learning_rate, self.weight_decay, self.betas, trainer
+            )
+        else:
+            optimizer = adamw(adamw_groups(self, self.weight_decay), self.learning_rate, self.betas, trainer)
         self.schedule_length = self.resolve_schedule_length()
         schedule = warmup_cosine_schedule(
             optimizer, self.warmup_steps, self.schedule_length, self.min_lr / self.learning_rate
