@@ -1,4 +1,5 @@
-"""optimizer: muon: which parameters Muon trains, one step against written-out references, a fit that learns and resumes exactly."""
+"""optimizer: muon: which parameters Muon trains, one step against written-out references, a fit that learns
+and resumes exactly, a bad optimizer name refused in one line."""
 
 import math
 
@@ -17,7 +18,9 @@ from tiny_training import BLOCK_SIZE, LossRecorder, quiet_trainer, seed_everythi
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers", "ignore:.*val_dataloader")
 
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's coefficients (Keller Jordan's quintic)
-BLOCK_MATRICES = ["attn.qkv.weight", "attn.proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+BLOCK_MATRICES = [
+    "attn.qkv.weight", "attn.proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+]
 NORMS = ["attn_norm.weight", "mlp_norm.weight"]
 
 
@@ -69,7 +72,8 @@ def test_one_step_moves_each_matrix_by_its_orthogonalised_nesterov_momentum():
     Muon([reference_muon], lr=0.05, weight_decay=0.1).step()
     reference_adamw = torch.nn.Parameter(before[embedding].clone())
     reference_adamw.grad = grads[embedding].clone()
-    torch.optim.AdamW([reference_adamw], lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=True).step()  # as adamw() builds it on CPU
+    # fused, as adamw() builds it on CPU
+    torch.optim.AdamW([reference_adamw], lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=True).step()
 
     optimizer.step()
 
@@ -108,7 +112,7 @@ def fit(corpus, root, max_steps, ckpt_path=None):
         lr_decay_steps=20,
     )
     data = TinyShakespeareDataModule(
-        data_path=str(corpus), block_size=BLOCK_SIZE, batch_size=8, train_samples=96, val_samples=8, seed=7,
+        data_path=str(corpus), block_size=BLOCK_SIZE, batch_size=4, train_samples=96, val_samples=8, seed=7,
     )
     recorder = LossRecorder()
     trainer = quiet_trainer(
@@ -125,7 +129,8 @@ def test_a_muon_fit_learns_follows_the_schedule_and_resumes_exactly(corpus_path,
     assert sum(straight[-5:]) / 5 < sum(straight[:5]) / 5 - 0.5  # it learns: from ~4.2 (uniform over 65) down
     factor = warmup_cosine(20, 3, 20, 1e-4 / 3e-3)  # the floor min_lr / learning_rate, for every group
     lrs = {group["name"]: group["lr"] for group in trainer.optimizers[0].param_groups}
-    assert lrs == pytest.approx({"muon": 0.03 * factor, "weight_decay": 3e-3 * factor, "no_weight_decay": 3e-3 * factor})
+    expected = {"muon": 0.03 * factor, "weight_decay": 3e-3 * factor, "no_weight_decay": 3e-3 * factor}
+    assert lrs == pytest.approx(expected)
 
     first, _ = fit(corpus_path, tmp_path / "split", 10)
     rest, _ = fit(corpus_path, tmp_path / "rest", 20, ckpt_path=str(tmp_path / "split" / "last.ckpt"))

@@ -1,4 +1,7 @@
-"""AdamW as every recipe trains with it: decay groups, the fused kernel where it is safe, warmup + cosine."""
+"""AdamW as every recipe trains with it: decay groups, the fused kernel where it is safe, warmup + cosine.
+
+With `optimizer: muon` this AdamW trains what Muon does not (modules/muon.py), under the same schedule.
+"""
 
 import inspect
 import math
