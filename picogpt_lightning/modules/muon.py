@@ -4,7 +4,8 @@
 the blocks' linear layers (attention qkv and proj, the MLP's matrices) with torch.optim.Muon:
 momentum, orthogonalised by a Newton-Schulz iteration, then a step of `muon_lr`. Embeddings,
 norms, lm_head (tied to the embedding by default) and any other trainable part (a distillation
-projection) keep AdamW at `learning_rate`, in its usual decay groups. The warmup + cosine
+projection) keep AdamW at `learning_rate`, in its usual decay groups. Under LoRA the blocks'
+trainable matrices are the adapters' A and B, and Muon trains those. The warmup + cosine
 schedule scales every group by the same factor, so `min_lr / learning_rate` sets both floors.
 
 The step is torch.optim.Muon's, with one change: the Newton-Schulz iteration runs in float32
