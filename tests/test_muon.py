@@ -1,19 +1,24 @@
 """optimizer: muon: which parameters Muon trains, one step against written-out references, a fit that learns
-and resumes exactly, a bad optimizer name refused in one line."""
+and resumes exactly; a bad optimizer name and sharded training refused in one line."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from picogpt_lightning import checkpoints
 from picogpt_lightning.callbacks import LastCheckpoint, RandomStateCheckpoint
 from picogpt_lightning.data import TinyShakespeareDataModule
-from picogpt_lightning.modules import LanguageModelModule
-from picogpt_lightning.modules.muon import Muon, MuonWithAdamW
+from picogpt_lightning.errors import UserError
+from picogpt_lightning.modules import DistillationModule, LanguageModelModule
+from picogpt_lightning.modules.muon import Muon, MuonWithAdamW, check_whole_matrices
 from picogpt_lightning.modules.optim import warmup_cosine
 from test_faults_resume import refusal, write_config
-from tiny_training import BLOCK_SIZE, LossRecorder, quiet_trainer, seed_everything, step_losses, tiny_config
+from tiny_training import (
+    BLOCK_SIZE, LossRecorder, quiet_trainer, seed_everything, step_losses, tiny_config, tiny_teacher,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers", "ignore:.*val_dataloader")
 
@@ -45,6 +50,24 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tied):
     embeddings = ["model.tok_embeddings.weight"] + ([] if tied else ["model.lm_head.weight"])  # tied: one tensor
     norms = [f"model.blocks.{i}.{name}" for i in range(2) for name in NORMS] + ["model.norm.weight"]
     assert groups == {"muon": sorted(blocks), "weight_decay": sorted(embeddings), "no_weight_decay": sorted(norms)}
+
+
+def test_distillation_gives_its_projection_to_adamw_and_its_teacher_to_neither(tmp_path):
+    module = DistillationModule(
+        tiny_config(), teacher=tiny_teacher(str(tmp_path / "teacher.pt")), alpha_ce=0.3, alpha_kd=0.6, alpha_cos=0.1,
+        optimizer="muon", lr_decay_steps=10,
+    )
+    groups = groups_by_name(module)
+    assert groups["muon"] == sorted(f"model.blocks.{i}.{name}" for i in range(2) for name in BLOCK_MATRICES)
+    assert groups["weight_decay"] == ["hidden_projection.weight", "model.tok_embeddings.weight"]
+    assert not any(name.startswith("teacher.") for names in groups.values() for name in names)
+
+
+@pytest.mark.parametrize("strategy", [ModelParallelStrategy, FSDPStrategy], ids=["fsdp2", "fsdp1"])
+def test_sharded_training_refuses_muon_in_one_line(strategy):
+    trainer = SimpleNamespace(strategy=strategy())  # what check_whole_matrices reads of a Trainer
+    with pytest.raises(UserError, match="^optimizer 'muon' needs whole weight matrices, but FSDP shards them; set"):
+        check_whole_matrices(muon_module(), trainer)
 
 
 def newton_schulz(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
