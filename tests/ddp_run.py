@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from picogpt_lightning.data import PadCollator
+from picogpt_lightning.lora import LoraSettings
 from picogpt_lightning.modules import LanguageModelModule
 from tiny_training import (
     SEED, LossRecorder, SGDLanguageModel, collate, distillation_module, one_sgd_step, quiet_trainer,
@@ -40,10 +41,16 @@ def reference_loader(datamodule, batch_size: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=PadCollator(datamodule.pad_token_id))
 
 
-def train(corpus, devices: int, batch_size: int, accumulate: int = 1, strategy="ddp", gradient_clip_val=1.0):
-    """Returns (loss of each global batch, final weights); in DDP, Lightning shards the data module itself."""
+def train(corpus, devices: int, batch_size: int, accumulate: int = 1, strategy="ddp", gradient_clip_val=1.0, lora_base=None):
+    """Returns (loss of each global batch, final weights); in DDP, Lightning shards the data module itself.
+
+    `lora_base`: a checkpoint on which QLoRA adapters train (NF4 base) instead of a fresh model."""
     seed_everything()
-    model = LanguageModelModule(tiny_config(), warmup_steps=2, lr_decay_steps=STEPS)
+    if lora_base is None:
+        model = LanguageModelModule(tiny_config(), warmup_steps=2, lr_decay_steps=STEPS)
+    else:
+        lora = LoraSettings(r=4, alpha=8, dropout=0.0, base="nf4")
+        model = LanguageModelModule(init_from=lora_base, lora=lora, learning_rate=1e-2, warmup_steps=2, lr_decay_steps=STEPS)
     datamodule = tiny_datamodule(corpus, batch_size)
     recorder = LossRecorder()
     trainer = quiet_trainer(

@@ -51,3 +51,34 @@ def test_sharded_clipped_training_matches_one_process_and_its_checkpoint_loads(f
     # all), so agreeing above means the sharded run clipped, and by the global norm, not per shard
     moved = max((reference_weights[n] - unclipped_weights[n]).abs().max() for n in reference_weights)
     assert moved > 10 * TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def fsdp_qlora_run(tmp_path_factory):
+    """The same FSDP2 run training QLoRA adapters on a briefly trained tiny model."""
+    corpus = shared_corpus()
+    if corpus is None:
+        pytest.skip("tiny_shakespeare not found: set PICOGPT_DATA to a local input.txt")
+    out = tmp_path_factory.mktemp("fsdp_qlora")
+    _, _, trainer = train(corpus, devices=1, batch_size=8)
+    trainer.save_checkpoint(out / "base.ckpt")
+    command = [sys.executable, str(TESTS_DIR / "fsdp_run.py"), "--corpus", str(corpus), "--out", str(out), "--clip", str(CLIP)]
+    result = subprocess.run(command + ["--lora_base", str(out / "base.ckpt")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return corpus, out
+
+
+def test_sharded_qlora_training_matches_one_process_and_its_checkpoint_holds_the_adapters(fsdp_qlora_run):
+    corpus, out = fsdp_qlora_run
+    record = json.loads((out / "run.json").read_text())
+    assert record["world_size"] == 2 and record["weights"] == "DTensor"  # the adapters really sharded
+    reference_losses, reference_weights, _ = train(
+        corpus, devices=1, batch_size=8, gradient_clip_val=CLIP, lora_base=str(out / "base.ckpt")
+    )
+    assert record["losses"] == pytest.approx(reference_losses, abs=TOLERANCE)
+    stored = torch.load(out / "fsdp.ckpt", weights_only=True)["state_dict"]
+    adapters = {name: tensor for name, tensor in reference_weights.items() if ".lora_" in name}
+    assert stored.keys() == {f"model.{name}" for name in adapters}  # the frozen NF4 base is not stored
+    for name, reference in adapters.items():
+        torch.testing.assert_close(stored[f"model.{name}"], reference, atol=TOLERANCE, rtol=0, msg=name)
+    PicoGPT.from_checkpoint(str(out / "fsdp.ckpt"))  # folds onto the base it names
