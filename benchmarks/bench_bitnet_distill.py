@@ -36,6 +36,7 @@ TARGET = 0.03  # nats/token above the fp32 model
 # 1.9287 (b1.58) and 1.9480 (1-bit) vs 1.8378 (BENCHMARKS.md's Quantization section of commit ab024c0)
 ALONE = {"bitnet1.58": 0.091, "bitnet1": 0.110}
 LOGGED_PARTS = ("kd", "attn", "ce")
+OVERRIDES = ("steps", "learning_rate", "min_lr", "alpha_ce", "alpha_kd", "alpha_attn")  # of the recipe's values
 
 
 def distil(teacher: str, linear: str, work: Path, args) -> dict:
@@ -49,7 +50,7 @@ def distil(teacher: str, linear: str, work: Path, args) -> dict:
         "--trainer.logger.init_args.save_dir", str(work / "runs"),
         "--checkpoint.dirpath", str(work / linear),
     ]
-    for name in ("learning_rate", "min_lr", "alpha_ce", "alpha_kd", "alpha_attn"):
+    for name in OVERRIDES[1:]:
         if getattr(args, name) is not None:
             flags += [f"--model.init_args.{name}", str(getattr(args, name))]
     if args.steps is not None:
@@ -71,7 +72,9 @@ def decode_speed(teacher: PicoGPT, packed: PicoGPT, repeats: int) -> dict:
     return dict(paired_speedups(times, 1, new_tokens), new_tokens=new_tokens)
 
 
-def measure(args) -> dict:
+def measure(args, publish) -> dict:
+    """Every model's val loss, the b1.58 student's decoding speed; `publish(results)` after each student,
+    so a section is written even if a later student's run is cut short."""
     teacher_checkpoint = checkpoints.load(args.teacher)
     teacher = PicoGPT.from_checkpoint(teacher_checkpoint).eval()
     windows = TinyShakespeareDataModule(**teacher_checkpoint.datamodule_hparams)  # pretrain_cpu's own val windows
@@ -91,6 +94,7 @@ def measure(args) -> dict:
                 torch._dynamo.reset()
             results["students"][linear] = run
             print(f"{linear}: val {run['val']:.4f} (teacher {results['teacher']:.4f}) in {run['seconds']:.0f} s", flush=True)
+            publish(results)
     return results
 
 
@@ -122,7 +126,8 @@ def report(results: dict, args, load: list) -> str:
     hp = next(iter(results["students"].values()))["hparams"] if results["students"] else {}
     settings = ", ".join(f"{name} {hp.get(name)}" for name in (
         "learning_rate", "min_lr", "warmup_steps", "alpha_ce", "alpha_kd", "alpha_attn", "temperature"))
-    return f"""`python -m benchmarks.bench_bitnet_distill --teacher best.ckpt` on {machine_description()}.
+    overrides = "".join(f" --{name} {getattr(args, name)}" for name in OVERRIDES if getattr(args, name) is not None)
+    return f"""`python -m benchmarks.bench_bitnet_distill --teacher best.ckpt{overrides}` on {machine_description()}.
 Load average (1 min) at start and end: {load[0]:.1f}, {load[1]:.1f} (2 shared cores).
 
 configs/bitnet_distill.yaml (BitNet Distillation, arXiv 2510.13998): the student has pretrain_cpu's shape
@@ -147,20 +152,23 @@ def main() -> None:
     parser.add_argument("--teacher", required=True, help="the fp32 pretrain_cpu checkpoint (.ckpt)")
     parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
     parser.add_argument("--steps", type=int, default=None, help="default: the recipe's")
-    for name in ("learning_rate", "min_lr", "alpha_ce", "alpha_kd", "alpha_attn"):
+    for name in OVERRIDES[1:]:
         parser.add_argument(f"--{name}", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--note", default="", help="a line for the section, e.g. the settings tried before")
     parser.add_argument("--no_write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    load = [os.getloadavg()[0]]
-    results = measure(args)
-    load.append(os.getloadavg()[0])
-    body = report(results, args, load)
-    if args.no_write:
-        print(body)
-    else:
-        write_section("bitnet_distill", "BitNet distillation: b1.58 and 1-bit students of the fp32 CPU model", body)
+    start_load = os.getloadavg()[0]
+
+    def publish(results: dict) -> None:
+        body = report(results, args, [start_load, os.getloadavg()[0]]) + (f"\n{args.note}\n" if args.note else "")
+        if args.no_write:
+            print(body)
+        else:
+            write_section("bitnet_distill", "BitNet distillation: b1.58 and 1-bit students of the fp32 CPU model", body)
+
+    measure(args, publish)
 
 
 if __name__ == "__main__":
