@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_dpo --init_from A/best.ckpt B/best.ckpt [--seeds 1337 1 2] [--config configs/dpo.yaml]
     python -m benchmarks.bench_dpo --init_from A/best.ckpt --smoke   # 2 steps, one batch scored, nothing written
+    ... --results runs.json   # each finished run saved there; the same call again runs only the missing ones
 
 Runs the DPO recipe (configs/dpo.yaml unless --config names another) through the CLI once per
 (checkpoint, seed), each on a copy of the checkpoint (pairs derived from tiny_shakespeare,
@@ -9,12 +10,13 @@ validation pairs from its validation part only), and reports per run: the implic
 accuracy and margin on the held-out pairs, the model's own preference (log p(chosen) >
 log p(rejected)), the held-out language-model loss (the validation windows pretraining scored)
 and the training time; then the mean and range of the reward accuracy against the target, and
-greedy samples of the first run. Written into BENCHMARKS.md, one section per config file
+greedy samples of the first run. Written into BENCHMARKS.md after every run, one section per config file
 (named after its stem), keeping the section's recipe notes (between `<!-- notes -->` and
 `<!-- /notes -->`) as they are.
 """
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -27,6 +29,7 @@ import yaml
 
 from benchmarks.report import BENCHMARKS_MD, machine_description, markdown_table, write_section
 from picogpt_lightning import PicoGPT, checkpoints
+from picogpt_lightning.checkpoints import write_atomically
 from picogpt_lightning.data import PreferenceDataModule, TinyShakespeareDataModule, Tokenizer
 from picogpt_lightning.data.source import find_corpus
 from picogpt_lightning.losses import dpo_loss, sequence_log_probs
@@ -144,27 +147,56 @@ def train(config: Path, start: HeldOut, seed: int, beta: float, steps: int, corp
     return cli, time.perf_counter() - began
 
 
-def run_all(args, recipe: dict, beta: float, steps: int) -> dict:
-    """Every (checkpoint, seed) run, scored on the held-out pairs; the first run's greedy samples."""
+def recipe_summary(cli) -> dict:
+    hp, data = cli.model.hparams, cli.datamodule.hparams
+    names = ("prompt_chars", "completion_chars", "prompts_per_speech", "rejected_per_prompt", "batch_size")
+    return {"beta": hp.beta, "rpo_alpha": hp.get("rpo_alpha"), "learning_rate": hp.learning_rate,
+            "train_pairs": len(cli.datamodule.train_dataset), **{name: data[name] for name in names}}
+
+
+def load_results(args, beta: float, steps: int) -> dict:
+    """The runs finished earlier into --results (a rerun skips them), or a fresh record."""
+    setting = {"config": args.config_name, "steps": steps, "beta": beta}
+    saved = {**setting, "runs": [], "samples": None, "recipe": None}
+    if args.results and Path(args.results).is_file():
+        saved = json.loads(Path(args.results).read_text())
+        if {key: saved.get(key) for key in setting} != setting:
+            raise SystemExit(f"--results {args.results} holds runs of {saved.get('config')}, {saved.get('steps')} steps, "
+                             f"beta {saved.get('beta')}; pass another --results file for {setting}")
+    return saved
+
+
+def save_results(args, saved: dict) -> None:
+    if args.results:
+        write_atomically(args.results, lambda file: file.write(json.dumps(saved, indent=1).encode()))
+
+
+def run_all(args, recipe: dict, beta: float, steps: int) -> tuple:
+    """Every (checkpoint, seed) run, scored on the held-out pairs; after each, the report so far is written."""
     corpus = str(find_corpus(None))
-    results = {"starts": [], "runs": [], "samples": None, "cli": None}
+    saved, starts = load_results(args, beta, steps), []
     with tempfile.TemporaryDirectory() as work:
         for index, path in enumerate(args.init_from):
             start = HeldOut(path, Path(work) / f"start{index}.ckpt", recipe, corpus, 1 if args.smoke else None)
-            before = start.scores(start.reference, beta)
-            results["starts"].append((start, before))
+            starts.append((start, start.scores(start.reference, beta)))
             for seed in args.seeds:
-                run_dir = Path(work) / f"run{len(results['runs'])}"
+                if any(run["start"] == start.label and run["seed"] == seed for run in saved["runs"]):
+                    continue  # finished by an earlier call into the same --results
+                run_dir = Path(work) / f"run{index}_{seed}"
                 cli, seconds = train(args.config, start, seed, beta, steps, corpus, run_dir, args.smoke)
                 policy = cli.model.model.eval()
                 after = start.scores(policy, beta)
-                results["runs"].append({"start": start.label, "seed": seed, "seconds": seconds, **after})
+                saved["runs"].append({"start": start.label, "seed": seed, "seconds": seconds, **after})
                 print(f"{start.label} seed {seed}: reward accuracy {after['accuracy']:.3f}, margin {after['margin']:.3f}, "
                       f"own preference {after['own_preference']:.3f}, LM loss {after['lm_loss']:.4f}, {seconds:.0f} s", flush=True)
-                if results["samples"] is None:
-                    results["samples"] = start.samples(start.reference), start.samples(policy), seed
-                    results["cli"] = cli
-    return results
+                saved["recipe"] = recipe_summary(cli)
+                if saved["samples"] is None:
+                    saved["samples"] = {"start": start.label, "seed": seed,
+                                        "before": start.samples(start.reference), "after": start.samples(policy)}
+                save_results(args, saved)
+                if not args.smoke:
+                    write_report(args, starts, saved, steps)
+    return starts, saved
 
 
 def recipe_notes(name: str) -> str:
@@ -176,41 +208,49 @@ def recipe_notes(name: str) -> str:
     return NOTES_START + section.split(NOTES_START, 1)[1].split(NOTES_END, 1)[0] + NOTES_END
 
 
-def tables(results: dict) -> str:
-    starts = [
+def ordered_runs(args, saved: dict) -> list:
+    # in the order of --init_from and --seeds, whichever call of the benchmark ran them
+    order = {(checkpoint_label(path), seed): i for i, (path, seed) in
+             enumerate((path, seed) for path in args.init_from for seed in args.seeds)}
+    return sorted((run for run in saved["runs"] if (run["start"], run["seed"]) in order),
+                  key=lambda run: order[(run["start"], run["seed"])])
+
+
+def tables(starts: list, runs: list) -> str:
+    start_rows = [
         [start.label, start.step, f"{start.val_loss:.4f}", f"{before['own_preference']:.3f}", f"{before['lm_loss']:.4f}"]
-        for start, before in results["starts"]
+        for start, before in starts
     ]
-    runs = [
+    run_rows = [
         [run["start"], run["seed"], f"{run['accuracy']:.3f}", f"{run['margin']:.3f}", f"{run['own_preference']:.3f}",
          f"{run['lm_loss']:.4f}", f"{run['seconds']:.0f}"]
-        for run in results["runs"]
+        for run in runs
     ]
     return (
-        "Starting checkpoints (each is its run's reference model, so its rewards are 0 and its reward accuracy "
+        "Starting checkpoints (each is its runs' reference model, so its rewards are 0 and its reward accuracy "
         "0 by construction):\n\n"
-        + markdown_table(["checkpoint", "step", "pretraining val/loss", "log p(chosen) > log p(rejected)", "held-out LM loss"], starts)
+        + markdown_table(["checkpoint", "step", "pretraining val/loss", "log p(chosen) > log p(rejected)", "held-out LM loss"], start_rows)
         + "\n\nAfter DPO, one row per (checkpoint, seed):\n\n"
         + markdown_table(["checkpoint", "seed", "reward accuracy", "reward margin", "log p(chosen) > log p(rejected)",
-                          "held-out LM loss", "s"], runs)
+                          "held-out LM loss", "s"], run_rows)
     )
 
 
-def verdict(results: dict) -> str:
-    accuracies = [run["accuracy"] for run in results["runs"]]
+def verdict(runs: list, planned: int) -> str:
+    accuracies = [run["accuracy"] for run in runs]
     met = mean(accuracies) >= TARGET_MEAN and min(accuracies) >= TARGET_EACH
-    short = ", ".join(f"{run['start']} seed {run['seed']} ({run['accuracy']:.3f})"
-                      for run in results["runs"] if run["accuracy"] < TARGET_EACH)
+    short = ", ".join(f"{run['start']} seed {run['seed']} ({run['accuracy']:.3f})" for run in runs if run["accuracy"] < TARGET_EACH)
+    status = ("met" if met else "NOT met") if len(runs) == planned else f"so far {'on track' if met else 'NOT met'}"
     return (
-        f"Held-out reward accuracy over {len(accuracies)} runs: mean {mean(accuracies):.3f}, range "
+        f"Held-out reward accuracy over {len(runs)} of {planned} runs: mean {mean(accuracies):.3f}, range "
         f"{min(accuracies):.3f}-{max(accuracies):.3f}. Target: mean >= {TARGET_MEAN:.2f} and every run >= "
-        f"{TARGET_EACH:.2f}: **{'met' if met else 'NOT met'}**" + (f" (below {TARGET_EACH:.2f}: {short})." if short else ".")
+        f"{TARGET_EACH:.2f}: **{status}**" + (f" (below {TARGET_EACH:.2f}: {short})." if short else ".")
     )
 
 
-def samples_text(results: dict) -> str:
-    (prompts, truths, openings, before, free_before), (_, _, _, after, free_after), seed = results["samples"]
-    return f"Greedy samples ({results['runs'][0]['start']}, seed {seed}):\n\n" + "\n".join(
+def samples_text(samples: dict) -> str:
+    (prompts, truths, openings, before, free_before), after, free_after = samples["before"], *samples["after"][3:]
+    return f"Greedy samples ({samples['start']}, seed {samples['seed']}):\n\n" + "\n".join(
         f"Held-out prompt `{prompt!r}`, true continuation `{truth!r}`; greedy before `{b[len(prompt):]!r}`, "
         f"after `{a[len(prompt):]!r}`.\n\nFree sample from `{opening!r}`:\n- before: `{fb[len(opening):]!r}`\n"
         f"- after: `{fa[len(opening):]!r}`\n"
@@ -218,30 +258,41 @@ def samples_text(results: dict) -> str:
     )
 
 
-def report(args, results: dict, steps: int) -> str:
-    hp, data, (start, before) = results["cli"].model.hparams, results["cli"].datamodule.hparams, results["starts"][0]
-    command = f"python -m benchmarks.bench_dpo --config {args.config_name} --steps {steps} --seeds {' '.join(map(str, args.seeds))}"
+def report(args, starts: list, saved: dict, steps: int) -> str:
+    recipe, runs, (start, before) = saved["recipe"], ordered_runs(args, saved), starts[0]
+    seeds = " ".join(map(str, args.seeds))
+    command = f"python -m benchmarks.bench_dpo --config {args.config_name} --steps {steps} --seeds {seeds}"
     return (
         f"`{command}` on {machine_description()}: {args.config_name} from each pretrain_cpu checkpoint below "
-        f"(4 layers x 128, char tokenizer, block {start.block_size}) and each seed (seed_everything and the data module's seed: which "
-        "speech each training prompt's rejected continuation comes from, and the batch order; the held-out pairs are "
-        "the same for every run), "
-        f"beta {hp.beta}, rpo_alpha {hp.rpo_alpha}, lr {hp.learning_rate}, batch {data.batch_size} pairs, "
-        f"{steps} steps (one thread). Pairs from tiny_shakespeare: prompt = a speech's first {data.prompt_chars} "
-        f"characters, chosen = its next {data.completion_chars}, rejected = the same stretch of a speech of "
-        f"similar length; {len(results['cli'].datamodule.train_dataset)} training pairs ({data.prompts_per_speech} "
-        f"prompt(s) per speech, each {data.completion_chars} characters shorter than the last, and "
-        f"{data.rejected_per_prompt} rejected per prompt), {before['pairs']} held-out pairs from the validation part "
-        "of the corpus (one per speech, its first prompt_chars characters).\n\n"
-        + tables(results) + "\n\n" + verdict(results) + "\n\n"
+        f"(4 layers x 128, char tokenizer, block {start.block_size}) and each seed (seed_everything and the data module's "
+        "seed: which speech each training prompt's rejected continuation comes from, and the batch order; the held-out "
+        f"pairs are the same for every run), beta {recipe['beta']}, rpo_alpha {recipe['rpo_alpha']}, lr "
+        f"{recipe['learning_rate']}, batch {recipe['batch_size']} pairs, {steps} steps (one thread of a shared machine: "
+        f"the seconds vary with its load). Pairs from tiny_shakespeare: prompt = a speech's first {recipe['prompt_chars']} "
+        f"characters, chosen = its next {recipe['completion_chars']}, rejected = the same stretch of a speech of similar "
+        f"length; {recipe['train_pairs']} training pairs ({recipe['prompts_per_speech']} prompt(s) per speech, each "
+        f"{recipe['completion_chars']} characters shorter than the last, and {recipe['rejected_per_prompt']} rejected per "
+        f"prompt), {before['pairs']} held-out pairs from the validation part of the corpus (one per speech, its first "
+        "prompt_chars characters).\n\n"
+        + tables(starts, runs) + "\n\n" + verdict(runs, len(args.init_from) * len(args.seeds)) + "\n\n"
         "Reward accuracy and margin are DPO's implicit rewards beta * (log pi - log ref) against the starting "
         "checkpoint as reference (accuracy: chosen reward strictly greater). The model's own preference is the share "
         "of held-out pairs it finds the true continuation more likely. Held-out LM loss: next-token loss on the 2400 "
-        "validation windows pretraining scored. With 445 pairs the standard error of one run's accuracy near 0.9 is "
-        "about 0.014.\n\n"
+        f"validation windows pretraining scored. With {before['pairs']} pairs the standard error of one run's accuracy "
+        f"near 0.9 is about {(0.9 * 0.1 / before['pairs']) ** 0.5:.3f}.\n\n"
         + (recipe_notes(args.section) + "\n\n" if recipe_notes(args.section) else "")
-        + samples_text(results)
+        + samples_text(saved["samples"])
     )
+
+
+def write_report(args, starts: list, saved: dict, steps: int) -> None:
+    title = "DPO: preference alignment from the pretrained CPU model"
+    title += "" if args.section == "dpo" else f" ({args.config_name})"
+    body = report(args, starts, saved, steps)
+    if args.smoke:
+        print(f"<!-- bench:{args.section} -->\n## {title}\n\n{body}\n(smoke run: BENCHMARKS.md left as it was)")
+    else:
+        write_section(args.section, title, body)
 
 
 def parse_args():
@@ -251,6 +302,7 @@ def parse_args():
     parser.add_argument("--seeds", nargs="+", type=int, default=[1337, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="default: the recipe's trainer.max_steps")
     parser.add_argument("--beta", type=float, default=None, help="default: the recipe's")
+    parser.add_argument("--results", default=None, help="a JSON file of finished runs: a rerun skips them")
     parser.add_argument("--smoke", action="store_true", help="2 steps, one batch scored, the section printed, not written")
     args = parser.parse_args()
     for path in [args.config, *args.init_from]:
@@ -268,14 +320,8 @@ def main() -> None:
     recipe = yaml.safe_load(args.config.read_text())
     beta = recipe["model"]["init_args"]["beta"] if args.beta is None else args.beta
     steps = 2 if args.smoke else args.steps or recipe.get("trainer", {}).get("max_steps", 300)
-    results = run_all(args, recipe, beta, steps)
-    body = report(args, results, steps)
-    title = "DPO: preference alignment from the pretrained CPU model"
-    title += "" if args.section == "dpo" else f" ({args.config_name})"
-    if args.smoke:
-        print(f"<!-- bench:{args.section} -->\n## {title}\n\n{body}\n(smoke run: BENCHMARKS.md left as it was)")
-    else:
-        write_section(args.section, title, body)
+    starts, saved = run_all(args, recipe, beta, steps)
+    write_report(args, starts, saved, steps)
 
 
 if __name__ == "__main__":
