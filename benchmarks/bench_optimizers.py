@@ -34,6 +34,7 @@ TARGET_STEPS = 1000
 TUNING = [
     # (muon_lr, muon_adjust_lr, AdamW learning_rate, min_lr, warmup_steps, muon_weight_decay, val/loss at 1000)
     (0.02, "original", 3e-3, 1e-4, 50, 0.0, 1.7036),
+    (0.04, "original", 3e-3, 1e-4, 50, 0.0, 1.8336),
 ]
 
 
