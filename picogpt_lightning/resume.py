@@ -14,8 +14,10 @@ A resumed run also keeps writing where its checkpoint lives (`continue_version`)
 """
 
 import dataclasses
+import inspect
 import os
 import re
+import typing
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -102,8 +104,10 @@ def check_resume(ckpt_path, model, datamodule) -> None:
     stored = checkpoints.read_file(os.fspath(ckpt_path), mmap=True)  # mapped: the weights are not read
     if not isinstance(stored, dict):
         return  # check_ckpt_path refused it already
-    found = differences("model", stored.get("hyper_parameters"), getattr(model, "hparams", None))
-    found += differences("data", stored.get("datamodule_hyper_parameters"), getattr(datamodule, "hparams", None))
+    found = differences("model", stored.get("hyper_parameters"), getattr(model, "hparams", None), argument_defaults(model))
+    found += differences(
+        "data", stored.get("datamodule_hyper_parameters"), getattr(datamodule, "hparams", None), argument_defaults(datamodule)
+    )
     found += tokenizer_difference(stored.get(checkpoints.TOKENIZER_KEY), command_tokenizer(model, datamodule))
     if found:
         listed = [f"{field} {before} (checkpoint) vs {after} (command)" for field, before, after in found[:1]]
@@ -117,20 +121,51 @@ def check_resume(ckpt_path, model, datamodule) -> None:
 Difference = Tuple[str, str, str]  # (field, its value in the checkpoint, its value in the command)
 
 
-def differences(section: str, stored, requested) -> List[Difference]:
-    """Each argument of `section` that differs; another class differs in its class alone."""
+def differences(section: str, stored, requested, defaults: Optional[Dict[str, Any]] = None) -> List[Difference]:
+    """Each argument of `section` that differs; another class differs in its class alone.
+
+    An argument the checkpoint lacks but the command leaves at its default (one added to the
+    project after the checkpoint was written) is no difference: the run computes what it did."""
     stored, requested = arguments(stored) or {}, arguments(requested) or {}
     stored_class, requested_class = stored.pop(CLASS_KEY, None), requested.pop(CLASS_KEY, None)
     if stored_class is not None and stored_class != requested_class:
         # another class's arguments mean other things: naming them all would bury the difference that matters
         return [(f"{section}.class_path", str(stored_class), str(requested_class))]
     free = FREE_ARGUMENTS.get(section, set())
-    keys = [key for key in {**stored, **requested} if key.split(".")[0] not in free]
+    defaults = defaults or {}
+    keys = [
+        key for key in {**stored, **requested}
+        if key.split(".")[0] not in free
+        and not (key not in stored and key in defaults and requested.get(key) == defaults[key])
+    ]
     return [
         (f"{section}.{key}", shown(stored, key), shown(requested, key))
         for key in keys
         if key not in stored or key not in requested or stored[key] != requested[key]
     ]
+
+
+def argument_defaults(obj) -> Dict[str, Any]:
+    """{dotted.key: default} of the constructor arguments of `obj`'s class and its bases, and of the
+    fields of an argument typed as a dataclass (a model's PicoGPTConfig, a LoRA run's settings)."""
+    defaults: Dict[str, Any] = {}
+    for cls in reversed(type(obj).__mro__):
+        init = cls.__dict__.get("__init__")
+        try:
+            parameters = inspect.signature(init).parameters.values() if init is not None else []
+            hints = typing.get_type_hints(init) if init is not None else {}
+        except (TypeError, ValueError, NameError):  # a builtin's, or annotations that do not resolve
+            continue
+        for parameter in parameters:
+            if parameter.default is not inspect.Parameter.empty:
+                defaults[parameter.name] = plain(parameter.default)
+            for kind in (hints.get(parameter.name), *typing.get_args(hints.get(parameter.name))):
+                if dataclasses.is_dataclass(kind) and isinstance(kind, type):
+                    defaults.update({
+                        f"{parameter.name}.{field.name}": plain(field.default)
+                        for field in dataclasses.fields(kind) if field.default is not dataclasses.MISSING
+                    })
+    return defaults
 
 
 def shown(values: Dict[str, Any], key: str) -> str:

@@ -128,10 +128,29 @@ def test_another_module_type_is_refused(trained, tmp_path):
     config, checkpoint = trained
     distill = write_config(tmp_path, "picogpt_lightning.modules.DistillationModule", teacher=tiny_teacher(str(tmp_path / "t.pt")))
     message = refusal(distill, "--ckpt_path", str(checkpoint))
-    # only the class: another class's arguments mean other things; and DistillationModule has no init_from to suggest
-    assert message == (f"error: cannot resume {checkpoint}: model.class_path {LANGUAGE_MODEL} (checkpoint) vs "
-                       "picogpt_lightning.modules.DistillationModule (command); rerun with the checkpoint's settings or "
-                       "start a new run")
+    # only the class: another class's arguments mean other things; a student may start from the weights (init_from)
+    assert message.startswith(f"error: cannot resume {checkpoint}: model.class_path {LANGUAGE_MODEL} (checkpoint) vs "
+                              "picogpt_lightning.modules.DistillationModule (command); rerun with the checkpoint's "
+                              "settings or start a new run from its weights with --model.init_args.init_from ")
+
+
+def test_a_checkpoint_older_than_an_argument_resumes_when_the_command_leaves_it_at_its_default(trained, tmp_path):
+    import dataclasses
+
+    import torch
+
+    config, checkpoint = trained
+    old = torch.load(checkpoint, weights_only=False)
+    for name in ("lora", "optimizer", "muon_lr"):  # arguments added after such a checkpoint was written
+        del old["hyper_parameters"][name]
+    stored_config = old["hyper_parameters"]["config"]
+    stored_config = dict(stored_config) if isinstance(stored_config, dict) else dataclasses.asdict(stored_config)
+    old["hyper_parameters"]["config"] = {k: v for k, v in stored_config.items() if k != "sub_norm"}
+    older = tmp_path / "older.ckpt"
+    torch.save(old, older)
+    fit(config, "--trainer.max_steps=3", "--ckpt_path", str(older))  # resumes
+    message = refusal(config, "--trainer.max_steps=3", "--model.init_args.optimizer=muon", "--ckpt_path", str(older))
+    assert "model.optimizer unset (checkpoint) vs 'muon' (command)" in message
 
 
 # ---- where a resumed run writes, and `--ckpt_path last` ----------------------------------------------
