@@ -75,8 +75,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--init_from", required=True, help="a pretrain_cpu checkpoint (configs/pretrain_cpu.yaml)")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--full_lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
-    parser.add_argument("--lora_lr", type=float, default=2e-3)
+    parser.add_argument("--full_lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
+    parser.add_argument("--lora_lr", type=float, default=6e-3)
     parser.add_argument("--smoke", action="store_true", help="a few steps and one validation batch: checks the script")
     args = parser.parse_args()
     steps = 3 if args.smoke else args.steps
