@@ -84,15 +84,18 @@ def newton_schulz(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
 def test_one_step_moves_each_matrix_by_its_orthogonalised_nesterov_momentum():
     module = muon_module()
     optimizer = module.configure_optimizers()["optimizer"]
-    qkv = module.model.blocks[0].attn.qkv.weight  # 64 x 32: Muon's "original" rule scales by sqrt(64 / 32)
+    qkv = module.model.blocks[0].attn.qkv.weight  # 64 x 32: q's 32 rows (4 heads of 8), then k's 16 and v's 16
+    gate = module.model.blocks[0].mlp.gate_proj.weight  # tall: intermediate_size x 32
     embedding = module.model.tok_embeddings.weight
     before, grads = {}, {}
     for param in module.parameters():
         before[param] = param.detach().clone()
         param.grad = grads[param] = torch.randn_like(param)
-    reference_muon = torch.nn.Parameter(before[qkv].clone())
-    reference_muon.grad = grads[qkv].clone()
-    Muon([reference_muon], lr=0.05, weight_decay=0.1).step()
+    # the fused weight steps as q, k and v would apart: Muon on three separate matrices
+    reference_blocks = [torch.nn.Parameter(block.clone()) for block in before[qkv].split([32, 16, 16])]
+    for block, grad in zip(reference_blocks, grads[qkv].split([32, 16, 16])):
+        block.grad = grad.clone()
+    Muon(reference_blocks, lr=0.05, weight_decay=0.1).step()
     reference_adamw = torch.nn.Parameter(before[embedding].clone())
     reference_adamw.grad = grads[embedding].clone()
     # fused, as adamw() builds it on CPU
@@ -101,13 +104,17 @@ def test_one_step_moves_each_matrix_by_its_orthogonalised_nesterov_momentum():
     optimizer.step()
 
     # a pure dispatcher: exactly the step of each optimizer alone
-    assert torch.equal(qkv.detach(), reference_muon.detach())
+    assert torch.equal(qkv.detach(), torch.cat([block.detach() for block in reference_blocks]))
     assert torch.equal(embedding.detach(), reference_adamw.detach())
-    # the step written out: momentum (1 - 0.95) g, Nesterov's look-ahead g + 0.95 (buffer - g), orthogonalised
+    # the step written out: momentum (1 - 0.95) g, Nesterov's look-ahead g + 0.95 (buffer - g), orthogonalised,
+    # times Muon's "original" scale sqrt(max(1, rows / cols)) per matrix: 1 for q, k, v, above 1 for the gate
     momentum = 0.95
-    look_ahead = grads[qkv] + momentum * ((1 - momentum) * grads[qkv] - grads[qkv])
-    expected = before[qkv] * (1 - 0.05 * 0.1) - 0.05 * math.sqrt(64 / 32) * newton_schulz(look_ahead)
-    torch.testing.assert_close(qkv.detach(), expected, rtol=0, atol=1e-5)
+    assert gate.shape[0] > 32
+    for param, rows in [(qkv, [32, 16, 16]), (gate, [gate.shape[0]])]:
+        look_ahead = grads[param] + momentum * ((1 - momentum) * grads[param] - grads[param])
+        step = torch.cat([math.sqrt(max(1, block.shape[0] / 32)) * newton_schulz(block) for block in look_ahead.split(rows)])
+        expected = before[param] * (1 - 0.05 * 0.1) - 0.05 * step
+        torch.testing.assert_close(param.detach(), expected, rtol=0, atol=1e-5)
 
 
 def test_off_cuda_only_the_iterations_dtype_differs_from_torch_muon():

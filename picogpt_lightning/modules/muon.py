@@ -8,17 +8,20 @@ projection) keep AdamW at `learning_rate`, in its usual decay groups. Under LoRA
 trainable matrices are the adapters' A and B, and Muon trains those. The warmup + cosine
 schedule scales every group by the same factor, so `min_lr / learning_rate` sets both floors.
 
-The step is torch.optim.Muon's, with one change: the Newton-Schulz iteration runs in float32
-off CUDA. torch runs it in bfloat16, fast on GPUs but 20-30x slower than float32 on CPUs without
+Attention's fused qkv weight is three matrices, q's, k's and v's, and Muon orthogonalises each
+on its own, as it would unfused ones (Keller Jordan's advice; modded-nanogpt's shape).
+
+The step is torch.optim.Muon's, with two changes: the row blocks above, and the Newton-Schulz
+iteration runs in float32 off CUDA. torch runs it in bfloat16, fast on GPUs but 20-30x slower than float32 on CPUs without
 bfloat16 matrix units (for pretrain_cpu's 20 matrices 1.1 s a step, against 0.05 s in float32,
-beside a 0.25 s step). On CUDA it is torch's step exactly. Muon needs each matrix whole: FSDP's
+beside a 0.25 s step). On CUDA a matrix without row blocks takes torch's step exactly. Muon needs each matrix whole: FSDP's
 shards are refused, with the setting to change.
 """
 
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import lightning as L
 import torch
@@ -80,11 +83,17 @@ def adjusted_lr(lr: float, adjust_lr: Optional[str], shape) -> float:
 
 class Muon(torch.optim.Muon):
     """torch.optim.Muon (its arguments, checks, groups and state), stepping with the Newton-Schulz
-    iteration in `ns_dtype`, or in newton_schulz_dtype(the parameter's device) when None."""
+    iteration in `ns_dtype`, or in newton_schulz_dtype(the parameter's device) when None.
 
-    def __init__(self, params, ns_dtype: Optional[torch.dtype] = None, **kwargs):
+    `row_blocks` maps a parameter to the row counts of the matrices stacked in it (a fused qkv
+    weight: q's rows, k's, v's); each block is orthogonalised and scaled as a matrix of its own.
+    """
+
+    def __init__(self, params, ns_dtype: Optional[torch.dtype] = None,
+                 row_blocks: Optional[Dict[nn.Parameter, Sequence[int]]] = None, **kwargs):
         super().__init__(params, **kwargs)
         self.ns_dtype = ns_dtype
+        self.row_blocks = dict(row_blocks or {})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -106,10 +115,12 @@ class Muon(torch.optim.Muon):
         buf.lerp_(grad, 1 - momentum)
         update = grad.lerp(buf, momentum) if group["nesterov"] else buf
         dtype = self.ns_dtype or newton_schulz_dtype(param.device)
-        update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
         lr = float(group["lr"])
         param.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay
-        param.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], param.shape))
+        rows = self.row_blocks.get(param, [param.size(0)])
+        for block, block_update in zip(param.split(rows), update.split(rows)):  # views: the steps land in param
+            block_update = orthogonalize(block_update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+            block.add_(block_update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], block.shape))
 
 
 def check_optimizer_name(name: str) -> str:
@@ -124,6 +135,17 @@ def muon_parameters(blocks: nn.Module) -> List[nn.Parameter]:
         layer.weight for layer in blocks.modules()
         if isinstance(layer, nn.Linear) and layer.weight.requires_grad and layer.weight.ndim == 2
     ]
+
+
+def qkv_row_blocks(blocks: nn.Module) -> Dict[nn.Parameter, List[int]]:
+    """Each attention layer's trainable fused qkv weight -> the row counts of its q, k and v."""
+    row_blocks = {}
+    for attention in blocks.modules():
+        qkv = getattr(attention, "qkv", None)
+        if isinstance(qkv, nn.Linear) and qkv.weight.requires_grad and hasattr(attention, "n_query_groups"):
+            queries, keys = attention.n_head * attention.head_size, attention.n_query_groups * attention.head_size
+            row_blocks[qkv.weight] = [queries, keys, keys]
+    return row_blocks
 
 
 def check_whole_matrices(module: nn.Module, trainer: Optional[L.Trainer]) -> None:
@@ -145,7 +167,7 @@ def muon_with_adamw(
     matrices = muon_parameters(blocks)
     muon = Muon(
         [{"params": matrices, "name": "muon"}], lr=options.lr, weight_decay=options.weight_decay,
-        momentum=options.momentum, nesterov=True, adjust_lr_fn=options.adjust_lr,
+        momentum=options.momentum, nesterov=True, adjust_lr_fn=options.adjust_lr, row_blocks=qkv_row_blocks(blocks),
     )
     taken = {id(param) for param in matrices}
     groups = adamw_groups(module, weight_decay)
