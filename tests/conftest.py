@@ -38,3 +38,14 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     # tests never read or write the user's cache
     monkeypatch.setenv("PICOGPT_CACHE", str(tmp_path_factory.mktemp("cache")))
     torch.manual_seed(0)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (--dist loadgroup), tests that share a module-scoped fixture stay in one
+    worker, so the fixture (a pipeline run, a DDP launch) is built once; the others spread out."""
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        definitions = fixtures.name2fixturedefs.values() if fixtures else ()
+        if any(chain[-1].scope == "module" for chain in definitions if chain):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -171,22 +171,33 @@ def short_error(tmp_path, *args) -> str:
     return lines[-1]
 
 
-def test_cli_errors_are_short(corpus_path, tmp_path):
+# bad inputs the cases below name ({tmp} is the test's directory)
+BAD_FILES = {
+    "typo.yaml": "data:\n  init_args:\n    batch_sise: 3\n",
+    "broken.yaml": "trainer:\n  max_steps: [1\n  val: 2\n",
+    "truncated.ckpt": b"PK\x03\x04 not a whole checkpoint",
+}
+# each case: (its arguments after the config, what its one error line must contain)
+CLI_ERRORS = {
+    "flag-typo": (["--trainer.max_stepz=3"], "did you mean 'trainer.max_steps'"),
+    "model-flag-typo": (["--model.init_args.learning_rat=3"], "did you mean 'model.learning_rate'"),
+    "config-flag-typo": (["--model.init_args.config.n_heads=3"], "did you mean 'model.config.n_head'"),
+    "yaml-key-typo": (["--config", "{tmp}/typo.yaml"], "did you mean 'data.batch_size'"),
+    "broken-yaml": (["--config", "{tmp}/broken.yaml"], "{tmp}/broken.yaml, line "),
+    "vocab-size": (["--model.init_args.config.vocab_size=100"], "vocab_size is 100"),
+    "missing-ckpt": (["--ckpt_path", "{tmp}/missing.ckpt"], "{tmp}/missing.ckpt"),
+    "truncated-ckpt": (["--ckpt_path", "{tmp}/truncated.ckpt"], "{tmp}/truncated.ckpt"),
+}
+
+
+@pytest.mark.parametrize("case", CLI_ERRORS)
+def test_cli_errors_are_short(corpus_path, tmp_path, case):
     config = write_config(tmp_path, corpus_path)
-    assert "did you mean 'trainer.max_steps'" in short_error(tmp_path, config, "--trainer.max_stepz=3")
-    assert "did you mean 'model.learning_rate'" in short_error(tmp_path, config, "--model.init_args.learning_rat=3")
-    assert "did you mean 'model.config.n_head'" in short_error(tmp_path, config, "--model.init_args.config.n_heads=3")
-    typo = tmp_path / "typo.yaml"
-    typo.write_text("data:\n  init_args:\n    batch_sise: 3\n")
-    assert "did you mean 'data.batch_size'" in short_error(tmp_path, config, "--config", str(typo))
-    broken = tmp_path / "broken.yaml"
-    broken.write_text("trainer:\n  max_steps: [1\n  val: 2\n")
-    assert f"{broken}, line " in short_error(tmp_path, config, "--config", str(broken))
-    assert "vocab_size is 100" in short_error(tmp_path, config, "--model.init_args.config.vocab_size=100")
-    truncated = tmp_path / "truncated.ckpt"
-    truncated.write_bytes(b"PK\x03\x04 not a whole checkpoint")
-    for path in [tmp_path / "missing.ckpt", truncated]:
-        assert str(path) in short_error(tmp_path, config, "--ckpt_path", str(path))
+    for name, content in BAD_FILES.items():
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    arguments, expected = CLI_ERRORS[case]
+    error = short_error(tmp_path, config, *(argument.format(tmp=tmp_path) for argument in arguments))
+    assert expected.format(tmp=tmp_path) in error
     assert not any((tmp_path / "runs").glob("tiny/version_*"))  # nothing was created
 
 
