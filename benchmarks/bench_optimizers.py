@@ -2,10 +2,11 @@
 
     OMP_NUM_THREADS=1 flock /tmp/lane2.lock python -m benchmarks.bench_optimizers   (from the repository root)
 
-Both runs go through the CLI one after the other in this process, on the same machine and one
-thread, validating every 100 steps: configs/pretrain_cpu.yaml as it is (AdamW, 2000 steps) and
-configs/pretrain_cpu_muon.yaml (Muon for the blocks' matrices, 1000 steps). The target: Muon
-reaches AdamW's final val/loss (1.6684 when this benchmark was written) in at most 1000 steps.
+The runs go through the CLI one after the other in this process, on the same machine and one
+thread, validating every 100 steps: configs/pretrain_cpu.yaml as it is (AdamW, 2000 steps),
+configs/pretrain_cpu_muon.yaml (Muon for the blocks' matrices, its schedule over 1000 steps), and
+the Muon recipe over AdamW's 2000 steps. The target: Muon reaches AdamW's final val/loss (1.6684
+when this benchmark was written) in at most 1000 steps.
 """
 
 import argparse
@@ -22,7 +23,12 @@ from picogpt_lightning.checkpoints import write_atomically
 from picogpt_lightning.cli import main as cli_main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-RUNS = {"AdamW": CONFIGS / "pretrain_cpu.yaml", "Muon": CONFIGS / "pretrain_cpu_muon.yaml"}
+MUON_2000 = "Muon, 2000 steps"
+RUNS = {  # name: (recipe, CLI overrides)
+    "AdamW": (CONFIGS / "pretrain_cpu.yaml", []),
+    MUON_2000: (CONFIGS / "pretrain_cpu_muon.yaml", ["--trainer.max_steps", "2000"]),
+    "Muon": (CONFIGS / "pretrain_cpu_muon.yaml", []),
+}
 THRESHOLD = 1.70  # a val/loss both reach: the speed comparison
 ADAMW_BEFORE = {1500: 1.7279, 2000: 1.6684}  # configs/pretrain_cpu.yaml as BENCHMARKS.md had it (val every 500 steps)
 TARGET = ADAMW_BEFORE[2000]  # Muon should reach AdamW's 2000-step val/loss within TARGET_STEPS
@@ -30,11 +36,21 @@ TARGET_STEPS = 1000
 
 # The runs that chose configs/pretrain_cpu_muon.yaml's settings, measured once on the same machine (2 cores
 # shared with other work, one thread): pretrain_cpu.yaml with the optimizer arguments as CLI overrides,
-# 1000 steps (the schedule's length), val/loss on the 2400 windows after the last step.
+# 1000 steps (the schedule's length), val/loss on the 2400 windows after the last step. "fused": the qkv
+# weight orthogonalised as one matrix (torch.optim.Muon's way); "apart": q, k and v each on its own (modules/muon.py).
 TUNING = [
-    # (muon_lr, muon_adjust_lr, AdamW learning_rate, min_lr, warmup_steps, muon_weight_decay, val/loss at 1000)
-    (0.02, "original", 3e-3, 1e-4, 50, 0.0, 1.7036),
-    (0.04, "original", 3e-3, 1e-4, 50, 0.0, 1.8336),
+    # (qkv, muon_lr, muon_adjust_lr, AdamW learning_rate, min_lr, warmup_steps, muon_weight_decay, val/loss at 1000)
+    ("fused", 0.04, "original", 3e-3, 1e-4, 50, 0.0, 1.8336),
+    ("fused", 0.02, "original", 3e-3, 1e-4, 50, 0.0, 1.7036),
+    ("fused", 0.015, "original", 3e-3, 1e-4, 50, 0.0, 1.6850),
+    ("fused", 0.01, "original", 3e-3, 1e-4, 50, 0.0, 1.6839),
+    ("fused", 0.0075, "original", 3e-3, 1e-4, 50, 0.0, 1.7001),
+    ("fused", 0.005, "original", 3e-3, 1e-4, 50, 0.0, 1.7022),
+    ("fused", 0.01, "original", 6e-3, 2e-4, 50, 0.0, 1.6806),
+    ("fused", 0.01, "original", 3e-3, 1e-5, 50, 0.0, 1.6881),
+    ("apart", 0.02, "original", 3e-3, 1e-4, 50, 0.0, 1.6667),
+    ("apart", 0.015, "original", 6e-3, 2e-4, 50, 0.0, 1.6584),
+    ("apart", 0.01, "original", 3e-3, 1e-4, 50, 0.0, 1.6422),
 ]
 
 
@@ -45,10 +61,10 @@ def val_curve(log_dir: Path, start: float):
     return [(event.step + 1, event.value, event.wall_time - start) for event in events.Scalars("val/loss")]
 
 
-def run(config: Path, out: str, val_every: int):
+def run(config: Path, overrides, out: str, val_every: int):
     start = time.time()
     cli_main([
-        "fit", "--config", str(config),
+        "fit", "--config", str(config), *overrides,
         "--trainer.val_check_interval", str(val_every),
         "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", out,
@@ -90,15 +106,16 @@ def body(curves, walls, val_every: int) -> str:
         ["step", *RUNS], [[step, *(by_step[step].get(name, "") for name in RUNS)] for step in sorted(by_step)]
     )
     tuning = markdown_table(
-        ["muon_lr", "muon_adjust_lr", "learning_rate (AdamW part)", "min_lr", "warmup", "muon_weight_decay",
+        ["q, k, v", "muon_lr", "muon_adjust_lr", "learning_rate (AdamW part)", "min_lr", "warmup", "muon_weight_decay",
          "val/loss at 1000"],
         TUNING,
     )
     return (
         f"`python -m benchmarks.bench_optimizers` on {machine_description()}, validating every {val_every} "
         "steps (seconds include validation). AdamW: configs/pretrain_cpu.yaml unchanged; Muon: "
-        "configs/pretrain_cpu_muon.yaml, the same model and data, Muon for the blocks' matrices and AdamW for "
-        "embeddings and norms (modules/muon.py).\n\n"
+        "configs/pretrain_cpu_muon.yaml, the same model and data, Muon for the blocks' matrices (q, k and v "
+        "each its own) and AdamW for embeddings and norms (modules/muon.py), its schedule over 1000 steps; "
+        f"{MUON_2000}: that recipe with AdamW's max_steps, its schedule over 2000.\n\n"
         f"**Target (Muon at val/loss <= {TARGET} within {TARGET_STEPS} steps): {'met' if met else 'not met'}**: "
         f"Muon {muon_1000:.4f} at step {TARGET_STEPS}. AdamW here: {at_step(curves['AdamW'], 1500):.4f} at step "
         f"1500, {adamw_final:.4f} at step {curves['AdamW'][-1][0]}; in BENCHMARKS.md before: {ADAMW_BEFORE[1500]} "
@@ -120,9 +137,10 @@ def main() -> None:
         curves, walls = measured["curves"], measured["walls"]
     else:
         curves, walls = {}, {}
-        for name in ("Muon", "AdamW"):  # the shorter run first; --save keeps each curve as soon as it is measured
+        for name in ("Muon", MUON_2000, "AdamW"):  # the shortest first; --save keeps each curve once measured
+            config, overrides = RUNS[name]
             with tempfile.TemporaryDirectory() as out:
-                curves[name], walls[name] = run(RUNS[name], out, args.val_every)
+                curves[name], walls[name] = run(config, overrides, out, args.val_every)
             if args.save:
                 text = json.dumps({"curves": curves, "walls": walls})
                 write_atomically(args.save, lambda file: file.write(text.encode()))
