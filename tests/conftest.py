@@ -25,7 +25,7 @@ def shared_corpus() -> Path | None:
     return None
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # session-wide, so module fixtures (pipeline runs) can ask for it too
 def corpus_path() -> Path:
     path = shared_corpus()
     if path is None:

@@ -44,12 +44,8 @@ def trainer_flags(tmp_path: Path, name: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    from conftest import shared_corpus
-
-    corpus = shared_corpus()
-    if corpus is None:
-        pytest.skip("tiny_shakespeare not found: set PICOGPT_DATA")
+def pretrained(tmp_path_factory, corpus_path):
+    corpus = corpus_path
     tmp_path = tmp_path_factory.mktemp("clean")
     output = run(corpus, "fit", "--config", str(CONFIGS / "pretrain_cpu.yaml"),
                  "--model.init_args.config.n_layer", "1", "--model.init_args.config.n_embd", "32",

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import shared_corpus
 from ddp_run import DDP_RUNS, UNEVEN_RUNS, train, uneven_module
 from tiny_training import collate, one_sgd_step, step_losses, tiny_teacher, uneven_sequences
 
@@ -22,10 +21,8 @@ TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory):
-    corpus = shared_corpus()  # module scope: the corpus_path fixture is per test
-    if corpus is None:
-        pytest.skip("tiny_shakespeare not found: set PICOGPT_DATA to a local input.txt")
+def ddp_results(tmp_path_factory, corpus_path):
+    corpus = corpus_path
     out = tmp_path_factory.mktemp("ddp")
     teacher = tiny_teacher(str(out / "teacher.pt"))
     command = [

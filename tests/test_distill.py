@@ -21,11 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def corpus() -> Path:
-    for candidate in (os.environ.get("PICOGPT_DATA"), REPO_ROOT.parent / "shared/data/tinyshakespeare/input.txt"):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    pytest.skip("tiny_shakespeare not found: set PICOGPT_DATA to a local input.txt")
+def corpus(corpus_path) -> Path:
+    return corpus_path
 
 
 def student_config(**overrides) -> PicoGPTConfig:
@@ -271,16 +268,12 @@ def test_tokenizer_larger_than_the_teachers_vocabulary_fails_before_training(tmp
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
+def pipeline_run(tmp_path_factory, corpus_path):
     """`make demo`'s command at 3 + 2 + 2 steps, once for the tests below: (its output, its directory)."""
     import subprocess
     import sys
 
-    from conftest import shared_corpus
-
-    corpus = shared_corpus()
-    if corpus is None:
-        pytest.skip("tiny_shakespeare not found: set PICOGPT_DATA to a local input.txt")
+    corpus = corpus_path
     out = tmp_path_factory.mktemp("pipeline")
     result = subprocess.run(
         [sys.executable, "-m", "picogpt_lightning", "pipeline", "--teacher_steps", "3",

@@ -17,7 +17,6 @@ from picogpt_lightning.callbacks import LastCheckpoint, StepProgressBar
 from picogpt_lightning.cli import main
 from picogpt_lightning.data import TinyShakespeareDataModule
 from picogpt_lightning.modules import LanguageModelModule
-from conftest import shared_corpus
 from tiny_training import BLOCK_SIZE, quiet_trainer, seed_everything, tiny_config, tiny_teacher
 
 LANGUAGE_MODEL = "picogpt_lightning.modules.LanguageModelModule"
@@ -57,11 +56,9 @@ def refusal(config: Path, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
+def corpus(tmp_path_factory, corpus_path) -> Path:
     """The first 60,000 characters of tiny_shakespeare: these runs need a few batches, not a corpus to encode."""
-    whole = shared_corpus()
-    if whole is None:
-        pytest.skip("tiny_shakespeare not found: set PICOGPT_DATA to a local input.txt")
+    whole = corpus_path
     path = tmp_path_factory.mktemp("corpus") / "input.txt"
     path.write_text(whole.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     return path

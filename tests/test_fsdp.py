@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import shared_corpus
 from ddp_run import train
 from picogpt_lightning import PicoGPT
 
@@ -24,10 +23,8 @@ TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory):
-    corpus = shared_corpus()
-    if corpus is None:
-        pytest.skip("tiny_shakespeare not found: set PICOGPT_DATA to a local input.txt")
+def fsdp_run(tmp_path_factory, corpus_path):
+    corpus = corpus_path
     out = tmp_path_factory.mktemp("fsdp")
     command = [sys.executable, str(TESTS_DIR / "fsdp_run.py"), "--corpus", str(corpus), "--out", str(out)]
     result = subprocess.run(command + ["--clip", str(CLIP)], capture_output=True, text=True, timeout=600)
@@ -54,11 +51,9 @@ def test_sharded_clipped_training_matches_one_process_and_its_checkpoint_loads(f
 
 
 @pytest.fixture(scope="module")
-def fsdp_qlora_run(tmp_path_factory):
+def fsdp_qlora_run(tmp_path_factory, corpus_path):
     """The same FSDP2 run training QLoRA adapters on a briefly trained tiny model."""
-    corpus = shared_corpus()
-    if corpus is None:
-        pytest.skip("tiny_shakespeare not found: set PICOGPT_DATA to a local input.txt")
+    corpus = corpus_path
     out = tmp_path_factory.mktemp("fsdp_qlora")
     _, _, trainer = train(corpus, devices=1, batch_size=8)
     trainer.save_checkpoint(out / "base.ckpt")

@@ -24,13 +24,9 @@ def adapter_names():
 
 
 @pytest.fixture(scope="module")
-def base_checkpoint(tmp_path_factory):
+def base_checkpoint(tmp_path_factory, corpus_path):
     """A briefly pretrained tiny model: a Lightning checkpoint with its tokenizer, as fine-tunes start from."""
-    from conftest import shared_corpus
-
-    corpus = shared_corpus()
-    if corpus is None:
-        pytest.skip("needs the tiny_shakespeare corpus")
+    corpus = corpus_path
     seed_everything()
     module = LanguageModelModule(tiny_config(), learning_rate=3e-3)
     trainer = quiet_trainer(max_steps=3)

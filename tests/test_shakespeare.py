@@ -5,7 +5,6 @@ import re
 import lightning as L
 import pytest
 import torch
-from conftest import shared_corpus
 from torch.utils.data import DistributedSampler
 
 from picogpt_lightning.data import TinyShakespeareDataModule, build_tokenizer
@@ -15,11 +14,8 @@ SPEAKER_LINE = re.compile(r"[A-Za-z][^\n]*:\n")  # "First Citizen:\n" opens ever
 
 
 @pytest.fixture(scope="module")
-def full_text():
-    path = shared_corpus()
-    if path is None:
-        pytest.skip("tiny_shakespeare not found: set PICOGPT_DATA to a local input.txt")
-    return path.read_text()
+def full_text(corpus_path):
+    return corpus_path.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +46,8 @@ def mask_of(batch):
     return batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
 
 
-def test_vocab_size_works_before_setup(full_text, monkeypatch):
-    monkeypatch.setenv("PICOGPT_DATA", str(shared_corpus()))
+def test_vocab_size_works_before_setup(corpus_path, full_text, monkeypatch):
+    monkeypatch.setenv("PICOGPT_DATA", str(corpus_path))
     dm = TinyShakespeareDataModule()  # LightningCLI reads vocab_size right after __init__
     assert dm.vocab_size == 65 == len(set(full_text))
     assert dm.pad_token_id is None

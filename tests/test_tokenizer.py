@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from conftest import shared_corpus
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -16,11 +15,8 @@ NANOGPT_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvw
 
 
 @pytest.fixture(scope="module")
-def text():
-    path = shared_corpus()
-    if path is None:
-        pytest.skip("tiny_shakespeare not found: set PICOGPT_DATA to a local input.txt")
-    return path.read_text()
+def text(corpus_path):
+    return corpus_path.read_text()
 
 
 @pytest.fixture(scope="module")
