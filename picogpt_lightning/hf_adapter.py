@@ -13,7 +13,7 @@ from typing import Dict
 import torch
 
 from picogpt_lightning.hf import BLOCK_RENAMES, save_pretrained
-from picogpt_lightning.lora import ADAPTER_MARK, ADAPTER_NAME, LoraSettings, effective_base, peft_config
+from picogpt_lightning.lora import ADAPTER_MARK, LoraSettings, effective_base, peft_config
 from picogpt_lightning.model import PicoGPT, PicoGPTConfig
 
 ADAPTER_DIRECTORY = "adapter"
@@ -60,7 +60,5 @@ def save_lora_export(
     save_pretrained(base.eval(), directory, tokenizer)
     adapter_directory = os.path.join(directory, ADAPTER_DIRECTORY)
     peft_config(settings, llama_targets(settings), task_type="CAUSAL_LM").save_pretrained(adapter_directory)
-    state = peft_adapter_state(
-        {key: value for key, value in adapters.items() if f".{ADAPTER_NAME}." in key}, config
-    )
+    state = peft_adapter_state(adapters, config)
     save_file(state, os.path.join(adapter_directory, "adapter_model.safetensors"), metadata={"format": "pt"})

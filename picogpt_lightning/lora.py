@@ -15,6 +15,7 @@ peft is imported only when adapters are made: it takes seconds to load.
 
 import contextlib
 import logging
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional
 
@@ -122,10 +123,7 @@ def add_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
         from peft.tuners.lora import Linear as LoraLinear
     config = peft_config(settings)
     config._register_custom_module({NF4Linear: LoraLinear})  # peft's own LoRA layer wraps any forward
-    with contextlib.ExitStack() as stack:
-        import warnings
-
-        stack.enter_context(warnings.catch_warnings())
+    with warnings.catch_warnings():
         # NF4Linear is a layer type peft does not know; it has in_features and out_features, which is all it needs
         warnings.filterwarnings("ignore", message="Unsupported layer type")
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
