@@ -137,6 +137,8 @@ def library():
                 compiler = os.environ.get("CC", "gcc")
                 subprocess.run([compiler, "-O3", "-mavx2", "-mfma", "-shared", "-fPIC", source, "-o", built],
                                check=True, capture_output=True, timeout=120)
+                with open(built, "rb") as library_file:
+                    os.fsync(library_file.fileno())  # on disk before the rename, so a crash leaves no empty library
                 os.replace(built, path)  # atomic: another process sees the whole library or none
         lib = ctypes.CDLL(path)
     except (OSError, subprocess.SubprocessError):
