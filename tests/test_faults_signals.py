@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import List, Optional
 
 import pytest
-import yaml
 from lightning.pytorch import Callback
 
 from picogpt_lightning import checkpoints
+from test_reliability import write_config as reliability_config
+from tiny_training import BLOCK_SIZE
 
 TESTS = Path(__file__).resolve().parent
 REPO_ROOT = TESTS.parent
-BLOCK_SIZE = 32
 GRACE_SECONDS = 10  # the issue's bound from the signal to the exit, the save's own time aside
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers")
@@ -57,22 +57,13 @@ class PhaseMarks(Callback):
         time.sleep(self.val_pause)
 
 
+SMALLER_MODEL = {"config": {"block_size": BLOCK_SIZE, "n_layer": 1, "n_head": 2, "n_query_groups": 1, "n_embd": 16},
+                 "warmup_steps": 2}
+
+
 def write_config(tmp_path, corpus, data=None, **trainer) -> Path:
-    config = {
-        "model": {"class_path": "picogpt_lightning.modules.LanguageModelModule", "init_args": {
-            "config": {"block_size": BLOCK_SIZE, "n_layer": 1, "n_head": 2, "n_query_groups": 1, "n_embd": 16},
-            "warmup_steps": 2, "lr_decay_steps": 40}},
-        "data": {"class_path": "picogpt_lightning.data.TinyShakespeareDataModule", "init_args": {
-            "data_path": str(corpus), "block_size": BLOCK_SIZE, "batch_size": 4, "train_samples": 96,
-            "val_samples": 8, **(data or {})}},
-        "trainer": {"accelerator": "cpu", "max_steps": 40, "val_check_interval": 5, "check_val_every_n_epoch": None,
-                    "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 5,
-                    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                               "init_args": {"save_dir": str(tmp_path / "runs"), "name": "tiny"}}, **trainer},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    """test_reliability's tiny recipe with a smaller model, validating every 5 steps."""
+    return reliability_config(tmp_path, corpus, model=SMALLER_MODEL, data=data, **{"val_check_interval": 5, **trainer})
 
 
 def marks(**pauses) -> List[str]:

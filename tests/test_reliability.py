@@ -78,13 +78,15 @@ def test_schedule_length_is_kept_when_max_steps_changes(corpus_path, tmp_path):
 # ---- the command line: signals, non-finite losses, errors, concurrent runs -----------------------
 
 
-def write_config(tmp_path, corpus, **trainer) -> Path:
+def write_config(tmp_path, corpus, model=None, data=None, **trainer) -> Path:
+    """A tiny fit recipe in tmp_path/tiny.yaml; `model`, `data` and `trainer` override its init_args."""
     config = {
         "model": {"class_path": "picogpt_lightning.modules.LanguageModelModule", "init_args": {
             "config": {"block_size": BLOCK_SIZE, "n_layer": 2, "n_head": 4, "n_query_groups": 2, "n_embd": 32, "dropout": 0.1},
-            "warmup_steps": 5, "lr_decay_steps": 40}},
+            "warmup_steps": 5, "lr_decay_steps": 40, **(model or {})}},
         "data": {"class_path": "picogpt_lightning.data.TinyShakespeareDataModule", "init_args": {
-            "data_path": str(corpus), "block_size": BLOCK_SIZE, "batch_size": 4, "train_samples": 96, "val_samples": 8}},
+            "data_path": str(corpus), "block_size": BLOCK_SIZE, "batch_size": 4, "train_samples": 96, "val_samples": 8,
+            **(data or {})}},
         "trainer": {"accelerator": "cpu", "max_steps": 40, "val_check_interval": 10, "check_val_every_n_epoch": None,
                     "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 5,
                     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
