@@ -45,14 +45,13 @@ def trainer_flags(tmp_path: Path, name: str) -> list:
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, corpus_path):
-    corpus = corpus_path
     tmp_path = tmp_path_factory.mktemp("clean")
-    output = run(corpus, "fit", "--config", str(CONFIGS / "pretrain_cpu.yaml"),
+    output = run(corpus_path, "fit", "--config", str(CONFIGS / "pretrain_cpu.yaml"),
                  "--model.init_args.config.n_layer", "1", "--model.init_args.config.n_embd", "32",
                  "--model.init_args.config.n_head", "2", "--data.init_args.batch_size", "4",
                  "--data.init_args.val_samples", "16", "--trainer.max_steps", "4",
                  "--trainer.val_check_interval", "2", *trainer_flags(tmp_path, "fit"))
-    return corpus, tmp_path, output, tmp_path / "runs" / "fit" / "version_0" / "checkpoints" / "last.ckpt"
+    return corpus_path, tmp_path, output, tmp_path / "runs" / "fit" / "version_0" / "checkpoints" / "last.ckpt"
 
 
 def test_fit_prints_the_summary_and_bar_without_unactionable_lines(pretrained):

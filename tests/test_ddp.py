@@ -22,15 +22,14 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory, corpus_path):
-    corpus = corpus_path
     out = tmp_path_factory.mktemp("ddp")
     teacher = tiny_teacher(str(out / "teacher.pt"))
     command = [
-        sys.executable, str(TESTS_DIR / "ddp_run.py"), "--corpus", str(corpus), "--out", str(out), "--teacher", teacher
+        sys.executable, str(TESTS_DIR / "ddp_run.py"), "--corpus", str(corpus_path), "--out", str(out), "--teacher", teacher
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    reference_losses, reference_weights, _ = train(corpus, devices=1, batch_size=8)
+    reference_losses, reference_weights, _ = train(corpus_path, devices=1, batch_size=8)
     return out, reference_losses, reference_weights
 
 

@@ -273,13 +273,12 @@ def pipeline_run(tmp_path_factory, corpus_path):
     import subprocess
     import sys
 
-    corpus = corpus_path
     out = tmp_path_factory.mktemp("pipeline")
     result = subprocess.run(
         [sys.executable, "-m", "picogpt_lightning", "pipeline", "--teacher_steps", "3",
          "--student_steps", "2", "--sample_tokens", "10", "--out_dir", str(out)],
         capture_output=True, text=True, cwd=REPO_ROOT,
-        env={**os.environ, "PICOGPT_DATA": str(corpus), "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "PICOGPT_DATA": str(corpus_path), "OMP_NUM_THREADS": "1"},
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output

@@ -24,12 +24,11 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory, corpus_path):
-    corpus = corpus_path
     out = tmp_path_factory.mktemp("fsdp")
-    command = [sys.executable, str(TESTS_DIR / "fsdp_run.py"), "--corpus", str(corpus), "--out", str(out)]
+    command = [sys.executable, str(TESTS_DIR / "fsdp_run.py"), "--corpus", str(corpus_path), "--out", str(out)]
     result = subprocess.run(command + ["--clip", str(CLIP)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return corpus, out
+    return corpus_path, out
 
 
 def test_sharded_clipped_training_matches_one_process_and_its_checkpoint_loads(fsdp_run):
@@ -53,14 +52,13 @@ def test_sharded_clipped_training_matches_one_process_and_its_checkpoint_loads(f
 @pytest.fixture(scope="module")
 def fsdp_qlora_run(tmp_path_factory, corpus_path):
     """The same FSDP2 run training QLoRA adapters on a briefly trained tiny model."""
-    corpus = corpus_path
     out = tmp_path_factory.mktemp("fsdp_qlora")
-    _, _, trainer = train(corpus, devices=1, batch_size=8)
+    _, _, trainer = train(corpus_path, devices=1, batch_size=8)
     trainer.save_checkpoint(out / "base.ckpt")
-    command = [sys.executable, str(TESTS_DIR / "fsdp_run.py"), "--corpus", str(corpus), "--out", str(out), "--clip", str(CLIP)]
+    command = [sys.executable, str(TESTS_DIR / "fsdp_run.py"), "--corpus", str(corpus_path), "--out", str(out), "--clip", str(CLIP)]
     result = subprocess.run(command + ["--lora_base", str(out / "base.ckpt")], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return corpus, out
+    return corpus_path, out
 
 
 def test_sharded_qlora_training_matches_one_process_and_its_checkpoint_holds_the_adapters(fsdp_qlora_run):

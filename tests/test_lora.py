@@ -26,14 +26,13 @@ def adapter_names():
 @pytest.fixture(scope="module")
 def base_checkpoint(tmp_path_factory, corpus_path):
     """A briefly pretrained tiny model: a Lightning checkpoint with its tokenizer, as fine-tunes start from."""
-    corpus = corpus_path
     seed_everything()
     module = LanguageModelModule(tiny_config(), learning_rate=3e-3)
     trainer = quiet_trainer(max_steps=3)
-    trainer.fit(module, datamodule=tiny_datamodule(corpus, batch_size=4))
+    trainer.fit(module, datamodule=tiny_datamodule(corpus_path, batch_size=4))
     path = tmp_path_factory.mktemp("base") / "base.ckpt"
     trainer.save_checkpoint(path)
-    return path, corpus
+    return path, corpus_path
 
 
 def lora_run(base_checkpoint, tmp_path, steps=3, base="full", ckpt_path=None, name="lora"):

@@ -71,9 +71,8 @@ def tiny_fit_args(save_dir: Path, *extra: str) -> list:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, corpus_path):
-    corpus = corpus_path
     save_dir = tmp_path_factory.mktemp("runs")
-    cli = run_lightning(tiny_fit_args(save_dir, "--data.init_args.data_path", str(corpus)))
+    cli = run_lightning(tiny_fit_args(save_dir, "--data.init_args.data_path", str(corpus_path)))
     log_dir = Path(cli.trainer.log_dir)
     return cli, log_dir
 

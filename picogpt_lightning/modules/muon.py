@@ -12,10 +12,11 @@ Attention's fused qkv weight is three matrices, q's, k's and v's, and Muon ortho
 on its own, as it would unfused ones (Keller Jordan's advice; modded-nanogpt's shape).
 
 The step is torch.optim.Muon's, with two changes: the row blocks above, and the Newton-Schulz
-iteration runs in float32 off CUDA. torch runs it in bfloat16, fast on GPUs but 20-30x slower than float32 on CPUs without
-bfloat16 matrix units (for pretrain_cpu's 20 matrices 1.1 s a step, against 0.05 s in float32,
-beside a 0.25 s step). On CUDA a matrix without row blocks takes torch's step exactly. Muon needs each matrix whole: FSDP's
-shards are refused, with the setting to change.
+iteration runs in float32 off CUDA. torch runs it in bfloat16, fast on GPUs but 20-30x slower
+than float32 on CPUs without bfloat16 matrix units (for pretrain_cpu's 20 matrices 1.1 s a step,
+against 0.05 s in float32, beside a 0.25 s step). On CUDA a matrix without row blocks takes
+torch's step exactly. Muon needs each matrix whole: FSDP's shards are refused, with the setting
+to change.
 """
 
 import dataclasses
@@ -30,6 +31,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from picogpt_lightning.errors import UserError
+from picogpt_lightning.model.attention import CausalSelfAttention
 from picogpt_lightning.modules.optim import adamw, adamw_groups
 
 OPTIMIZERS = ("adamw", "muon")
@@ -141,10 +143,10 @@ def qkv_row_blocks(blocks: nn.Module) -> Dict[nn.Parameter, List[int]]:
     """Each attention layer's trainable fused qkv weight -> the row counts of its q, k and v."""
     row_blocks = {}
     for attention in blocks.modules():
-        qkv = getattr(attention, "qkv", None)
-        if isinstance(qkv, nn.Linear) and qkv.weight.requires_grad and hasattr(attention, "n_query_groups"):
-            queries, keys = attention.n_head * attention.head_size, attention.n_query_groups * attention.head_size
-            row_blocks[qkv.weight] = [queries, keys, keys]
+        if isinstance(attention, CausalSelfAttention) and isinstance(attention.qkv, nn.Linear):
+            if attention.qkv.weight.requires_grad:  # a frozen weight takes no step (under LoRA qkv is peft's layer)
+                queries, keys = attention.n_head * attention.head_size, attention.n_query_groups * attention.head_size
+                row_blocks[attention.qkv.weight] = [queries, keys, keys]
     return row_blocks
 
 
