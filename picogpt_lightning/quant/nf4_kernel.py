@@ -6,12 +6,14 @@ slower than fp32's matmul (measured: 10 tokens/s against 98 at 6x384). The kerne
 codes once per output row, looks each code up with two 8-lane permutes (vpermps) and a blend, and
 multiplies by all M activation rows, so a weight costs half a byte of memory traffic instead of four.
 
-Compiled once per machine with the C compiler inductor also needs, into a per-user cache, and called
-through ctypes from a torch custom op (`picogpt::nf4_linear`), so torch.compile keeps it in one graph.
-Where no compiler or AVX2 is found, `available()` is False and NF4Linear dequantizes in plain PyTorch.
+Compiled once per machine, with the C++ compiler and torch headers inductor also needs, into a per-user
+cache, as a torch operator (`picogpt::nf4_linear`) registered in C++: torch.compile keeps it in its graph,
+and a call costs what an aten operator's does (a Python kernel behind the dispatcher, with ctypes, measured
+6-7 us more a call, over half the kernel's own time at 4x128). Where no compiler or AVX2 is found, `available()` is
+False and NF4Linear dequantizes in plain PyTorch.
 """
 
-import ctypes
+import fcntl
 import functools
 import hashlib
 import os
@@ -26,6 +28,9 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 /* y[m, n] = sum_k x[m, k] * absmax[(n K + k) / block] * code[q(n K + k)], codes two to a byte, the
    first in the high nibble. xp holds x with each 16-column chunk reordered as its 8 even columns,
    then its 8 odd ones, matching the high and low nibbles of 8 packed bytes. K % 16 == 0 and
@@ -50,26 +55,35 @@ static inline float horizontal_sum(__m256 v) {
     return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 
-/* one activation row (batch-1 decoding): four accumulators in registers, two chunks per iteration */
+/* one activation row (batch-1 decoding): four accumulators in registers, two chunks per iteration.
+   The block of each chunk is counted, not divided out: rows are consecutive in the flat weight, so
+   (block_index, offset) runs on across them, and an integer division costs more than a chunk's decoding. */
 static void nf4_vector(const float* xp, const uint8_t* packed, const float* absmax, __m256 low_table,
                        __m256 high_table, float* y, int64_t N, int64_t K, int64_t block) {
     __m256 even, odd, even2, odd2;
+    int64_t block_index = 0, offset = 0;
     for (int64_t n = 0; n < N; n++) {
         const uint8_t* row = packed + n * K / 2;
-        const float* scales = absmax + n * K / block;
-        int64_t first = n * K % block;
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
         int64_t k = 0;
         for (; k + 32 <= K; k += 32) {
-            decode_chunk(row + k / 2, scales[(first + k) / block], low_table, high_table, &even, &odd);
-            decode_chunk(row + k / 2 + 8, scales[(first + k + 16) / block], low_table, high_table, &even2, &odd2);
+            float first_scale = absmax[block_index];
+            offset += 16;
+            if (offset == block) { offset = 0; block_index++; }
+            float second_scale = absmax[block_index];
+            offset += 16;
+            if (offset == block) { offset = 0; block_index++; }
+            decode_chunk(row + k / 2, first_scale, low_table, high_table, &even, &odd);
+            decode_chunk(row + k / 2 + 8, second_scale, low_table, high_table, &even2, &odd2);
             a0 = _mm256_fmadd_ps(even, _mm256_loadu_ps(xp + k), a0);
             a1 = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xp + k + 8), a1);
             a2 = _mm256_fmadd_ps(even2, _mm256_loadu_ps(xp + k + 16), a2);
             a3 = _mm256_fmadd_ps(odd2, _mm256_loadu_ps(xp + k + 24), a3);
         }
         if (k < K) {
-            decode_chunk(row + k / 2, scales[(first + k) / block], low_table, high_table, &even, &odd);
+            decode_chunk(row + k / 2, absmax[block_index], low_table, high_table, &even, &odd);
+            offset += 16;
+            if (offset == block) { offset = 0; block_index++; }
             a0 = _mm256_fmadd_ps(even, _mm256_loadu_ps(xp + k), a0);
             a1 = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xp + k + 8), a1);
         }
@@ -77,7 +91,7 @@ static void nf4_vector(const float* xp, const uint8_t* packed, const float* absm
     }
 }
 
-void nf4_linear(const float* x, const uint8_t* packed, const float* absmax, const float* code,
+static void nf4_linear(const float* x, const uint8_t* packed, const float* absmax, const float* code,
                 float* y, int64_t M, int64_t N, int64_t K, int64_t block) {
     float* xp = (float*)malloc(sizeof(float) * M * K);
     for (int64_t i = 0; i < M * K; i++) xp[(i / 16) * 16 + (i % 2) * 8 + (i % 16) / 2] = x[i];
@@ -88,11 +102,11 @@ void nf4_linear(const float* x, const uint8_t* packed, const float* absmax, cons
         free(xp);
         return;
     }
+    int64_t block_index = 0, offset = 0;  /* counted across rows, as in nf4_vector */
     for (int64_t n = 0; n < N; n++) {
         const uint8_t* row = packed + n * K / 2;
         /* two accumulators per activation row, so consecutive multiply-adds do not wait on each other */
         for (int64_t m = 0; m < 2 * M; m++) acc[m] = _mm256_setzero_ps();
-        int64_t block_index = n * K / block, offset = n * K % block;  /* one division per row, none per chunk */
         for (int64_t k = 0; k < K; k += 16) {
             decode_chunk(row + k / 2, absmax[block_index], low_table, high_table, &even, &odd);
             offset += 16;
@@ -107,6 +121,27 @@ void nf4_linear(const float* x, const uint8_t* packed, const float* absmax, cons
     }
     free(xp);
 }
+
+/* the operator: checks what the kernel assumes, converts only what is not already so (no copy in decoding) */
+static at::Tensor nf4_linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                const at::Tensor& code, int64_t out_features, int64_t block_size) {
+    TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16 && x.size(1) % 16 == 0 && block_size % 16 == 0,
+                "nf4_linear: x must be (M <= 16, K % 16 == 0) and block_size % 16 == 0");
+    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() * 2 == out_features * x.size(1),
+                "nf4_linear: packed must hold out_features * K / 2 bytes");
+    at::Tensor xf = x.to(at::kFloat).contiguous(), scales = absmax.to(at::kFloat).contiguous();
+    at::Tensor table = code.to(at::kFloat).contiguous(), bytes = packed.contiguous();
+    at::Tensor out = at::empty({x.size(0), out_features}, xf.options());
+    nf4_linear(xf.data_ptr<float>(), bytes.data_ptr<uint8_t>(), scales.data_ptr<float>(), table.data_ptr<float>(),
+               out.data_ptr<float>(), x.size(0), out_features, x.size(1), block_size);
+    return out;
+}
+
+TORCH_LIBRARY(picogpt, m) {
+    m.def("nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor code, int out_features, int block_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(picogpt, CPU, m) { m.impl("nf4_linear", nf4_linear_op); }
 """
 
 
@@ -119,33 +154,46 @@ def cpu_has_avx2() -> bool:
     return " avx2" in flags and " fma" in flags
 
 
+def build(path: str) -> None:
+    """Compiles SOURCE into `path`, renamed into place whole; one process at a time (the others wait, then load it)."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "nf4_kernel.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(path):  # built by the process that held the lock before
+            return
+        torch_dir = os.path.dirname(torch.__file__)
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            source, built = os.path.join(tmp, "nf4.cpp"), os.path.join(tmp, "nf4.so")
+            with open(source, "w") as file:
+                file.write(SOURCE)
+            command = [
+                os.environ.get("CXX", "g++"), "-O3", "-mavx2", "-mfma", "-std=c++20", "-shared", "-fPIC",
+                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-I" + os.path.join(torch_dir, "include"),
+                source, "-o", built, "-L" + os.path.join(torch_dir, "lib"), "-lc10", "-ltorch_cpu",
+            ]
+            subprocess.run(command, check=True, capture_output=True, timeout=300)
+            with open(built, "rb") as library_file:
+                os.fsync(library_file.fileno())  # on disk before the rename, so a crash leaves no empty library
+            os.replace(built, path)  # atomic: another process sees the whole library or none
+
+
 @functools.lru_cache(maxsize=1)
 def library():
-    """The compiled kernel, built on first use into ~/.cache (renamed into place whole); None when it cannot be."""
+    """The compiled operator's path, built on first use into ~/.cache and loaded; None when it cannot be."""
     if not cpu_has_avx2():
         return None
-    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
+    digest = hashlib.sha256((SOURCE + torch.__version__).encode()).hexdigest()[:16]  # torch's headers are compiled in
     directory = os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "picogpt_lightning")
     path = os.path.join(directory, f"nf4_kernel_{digest}.so")
     try:
         if not os.path.exists(path):
-            os.makedirs(directory, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=directory) as tmp:
-                source, built = os.path.join(tmp, "nf4.c"), os.path.join(tmp, "nf4.so")
-                with open(source, "w") as file:
-                    file.write(SOURCE)
-                compiler = os.environ.get("CC", "gcc")
-                subprocess.run([compiler, "-O3", "-mavx2", "-mfma", "-shared", "-fPIC", source, "-o", built],
-                               check=True, capture_output=True, timeout=120)
-                with open(built, "rb") as library_file:
-                    os.fsync(library_file.fileno())  # on disk before the rename, so a crash leaves no empty library
-                os.replace(built, path)  # atomic: another process sees the whole library or none
-        lib = ctypes.CDLL(path)
+            build(path)
+        torch.ops.load_library(path)
     except (OSError, subprocess.SubprocessError):
         return None
-    lib.nf4_linear.restype = None
-    lib.nf4_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
-    return lib
+    torch.library.register_fake("picogpt::nf4_linear")(nf4_linear_shape)
+    return path
 
 
 def available() -> bool:
@@ -157,28 +205,12 @@ def supports(in_features: int, block_size: int) -> bool:
     return in_features % 16 == 0 and block_size % 16 == 0 and available()
 
 
-def nf4_linear_cpu(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                   out_features: int, block_size: int) -> torch.Tensor:
-    """(M, K) float32 x (M <= MAX_ROWS) times the (out_features, K) NF4 weight, transposed."""
-    rows, in_features = x.shape
-    # each a no-op when already so, as in decoding (model.to(dtype) may have cast the buffers)
-    x, absmax, code, packed = x.float().contiguous(), absmax.float().contiguous(), code.float().contiguous(), packed.contiguous()
-    out = torch.empty(rows, out_features, dtype=torch.float32)
-    library().nf4_linear(x.data_ptr(), packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), out.data_ptr(),
-                         rows, out_features, in_features, block_size)
-    return out
-
-
-# a plain operator (Library.define + impl), not torch.library.custom_op: the latter's Python wrapping
-# measured 60 us a call, more than the kernel itself at 4x128
-OPERATORS = torch.library.Library("picogpt", "DEF")
-OPERATORS.define("nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor code, int out_features, int block_size) -> Tensor")
-OPERATORS.impl("nf4_linear", nf4_linear_cpu, "CPU")
-
-
-@torch.library.register_fake("picogpt::nf4_linear")
-def _(x, packed, absmax, code, out_features, block_size):
+def nf4_linear_shape(x, packed, absmax, code, out_features, block_size):
+    """What torch.compile traces in the kernel's place: the output's shape and dtype."""
     return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
 
 
-nf4_linear = torch.ops.picogpt.nf4_linear
+def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+               out_features: int, block_size: int) -> torch.Tensor:
+    """(M, K) x (M <= MAX_ROWS) times the (out_features, K) NF4 weight, transposed, in float32; needs available()."""
+    return torch.ops.picogpt.nf4_linear(x, packed, absmax, code, out_features, block_size)
