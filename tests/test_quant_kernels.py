@@ -3,6 +3,9 @@ each layer against its dequantized weight, each packed model against its referen
 tolerance, greedy tokens identical), and the static compiled decode step compiled once for every format."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -77,6 +80,25 @@ def test_nf4_kernel_is_a_linear_with_the_dequantized_weight(in_features, out_fea
     for rows in (1, 8, nf4_kernel.MAX_ROWS + 1):  # past MAX_ROWS: dequantize + F.linear
         x = torch.randn(rows, in_features)
         torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), layer.bias), rtol=1e-5, atol=1e-6)
+
+
+NO_COMPILER_SCRIPT = """
+import torch, torch.nn.functional as F
+from torch import nn
+from picogpt_lightning.quant import NF4Linear, nf4_kernel
+layer = NF4Linear.from_linear(nn.Linear(64, 32, bias=True))
+assert not nf4_kernel.available() and not layer.fused
+x = torch.randn(1, 64)
+torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), layer.bias), rtol=1e-5, atol=1e-6)
+"""
+
+
+def test_without_a_compiler_nf4_dequantizes_and_the_cache_keeps_nothing_partial(tmp_path):
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "XDG_CACHE_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", NO_COMPILER_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    cache = tmp_path / "picogpt_lightning"
+    assert sorted(path.name for path in cache.iterdir()) == ["nf4_kernel.lock"]  # no library, no half-built one
 
 
 @pytest.mark.parametrize("kind", ["bitnet1.58", "bitnet1"])
