@@ -199,9 +199,9 @@ Load average (1 min) at start and end: {load[0]:.1f}, {load[1]:.1f} (2 shared co
 Each packed file is what `quantize` writes, loaded by `PicoGPT.from_checkpoint`. Kernels (picogpt_lightning/quant/):
 int8 and int4 through torch's weight-only CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`,
 bfloat16 activations); BitNet's ternary and binary codes as int8 weights with unit scales through the int8
-kernel, with its 8-bit activations; NF4 through the fused AVX2 dequantize-matmul of quant/nf4_kernel.py (no
-library's NF4 kernel runs on this CPU: bitsandbytes' needs AVX-512 BF16). Decoding: greedy, every format through the static cache and the
-compiled step (inductor, fullgraph, one graph per shape), fp32 also eagerly with the growing cache; speed-ups
+kernel, with its 8-bit activations; NF4 through the fused AVX2 dequantize-matmul of quant/nf4_kernel.py, a
+torch operator registered in C++ (no library's NF4 kernel runs on this CPU: bitsandbytes' needs AVX-512 BF16).
+Decoding: greedy, every format through the static cache and the compiled step (inductor, fullgraph, one graph per shape), fp32 also eagerly with the growing cache; speed-ups
 are the median over {repeats} rounds of fp32's time over the format's time in the same round, formats taking
 turns, so load weighs on all alike. Resident bytes: every parameter and buffer the model holds while
 decoding (kernel layouts, scales, embeddings and norms). File: fp32 as `PicoGPT.save` writes its weights,
