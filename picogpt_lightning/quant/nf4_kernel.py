@@ -129,6 +129,7 @@ static at::Tensor nf4_linear_op(const at::Tensor& x, const at::Tensor& packed, c
                 "nf4_linear: x must be (M <= 16, K % 16 == 0) and block_size % 16 == 0");
     TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() * 2 == out_features * x.size(1),
                 "nf4_linear: packed must hold out_features * K / 2 bytes");
+    TORCH_CHECK(absmax.numel() * block_size >= out_features * x.size(1), "nf4_linear: one absmax per block is needed");
     at::Tensor xf = x.to(at::kFloat).contiguous(), scales = absmax.to(at::kFloat).contiguous();
     at::Tensor table = code.to(at::kFloat).contiguous(), bytes = packed.contiguous();
     at::Tensor out = at::empty({x.size(0), out_features}, xf.options());
