@@ -40,7 +40,7 @@ from picogpt_lightning.lightning_cli import run_lightning
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DPO_YAML = REPO_ROOT / "configs" / "dpo.yaml"
 OPENING_CHARS = 16  # free samples start from a speech's first characters
-TARGET_MEAN, TARGET_EACH = 0.90, 0.88  # held-out reward accuracy: the mean over runs, and every run
+TARGET_MEAN, TARGET_EACH = 0.90, 0.88  # configs/dpo.yaml's held-out reward accuracy: the mean over runs, and every run
 NOTES_START, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
 
 
@@ -236,15 +236,18 @@ def tables(starts: list, runs: list) -> str:
     )
 
 
-def verdict(runs: list, planned: int) -> str:
+def verdict(runs: list, planned: int, section: str) -> str:
     accuracies = [run["accuracy"] for run in runs]
+    summary = (f"Held-out reward accuracy over {len(runs)} of {planned} runs: mean {mean(accuracies):.3f}, range "
+               f"{min(accuracies):.3f}-{max(accuracies):.3f}")
+    if section != "dpo":  # another recipe's target is its own (DPO with LoRA: against full DPO, in the notes)
+        return summary + "."
     met = mean(accuracies) >= TARGET_MEAN and min(accuracies) >= TARGET_EACH
     short = ", ".join(f"{run['start']} seed {run['seed']} ({run['accuracy']:.3f})" for run in runs if run["accuracy"] < TARGET_EACH)
     status = ("met" if met else "NOT met") if len(runs) == planned else f"so far {'on track' if met else 'NOT met'}"
     return (
-        f"Held-out reward accuracy over {len(runs)} of {planned} runs: mean {mean(accuracies):.3f}, range "
-        f"{min(accuracies):.3f}-{max(accuracies):.3f}. Target: mean >= {TARGET_MEAN:.2f} and every run >= "
-        f"{TARGET_EACH:.2f}: **{status}**" + (f" (below {TARGET_EACH:.2f}: {short})." if short else ".")
+        f"{summary}. Target: mean >= {TARGET_MEAN:.2f} and every run >= {TARGET_EACH:.2f}: **{status}**"
+        + (f" (below {TARGET_EACH:.2f}: {short})." if short else ".")
     )
 
 
@@ -274,7 +277,7 @@ def report(args, starts: list, saved: dict, steps: int) -> str:
         f"{recipe['completion_chars']} characters shorter than the last, and {recipe['rejected_per_prompt']} rejected per "
         f"prompt), {before['pairs']} held-out pairs from the validation part of the corpus (one per speech, its first "
         "prompt_chars characters).\n\n"
-        + tables(starts, runs) + "\n\n" + verdict(runs, len(args.init_from) * len(args.seeds)) + "\n\n"
+        + tables(starts, runs) + "\n\n" + verdict(runs, len(args.init_from) * len(args.seeds), args.section) + "\n\n"
         "Reward accuracy and margin are DPO's implicit rewards beta * (log pi - log ref) against the starting "
         "checkpoint as reference (accuracy: chosen reward strictly greater). The model's own preference is the share "
         "of held-out pairs it finds the true continuation more likely. Held-out LM loss: next-token loss on the 2400 "
