@@ -8,9 +8,9 @@ multiplies by all M activation rows, so a weight costs half a byte of memory tra
 
 Compiled once per machine, with the C++ compiler and torch headers inductor also needs, into a per-user
 cache, as a torch operator (`picogpt::nf4_linear`) registered in C++: torch.compile keeps it in its graph,
-and a call costs what an aten operator's does (a Python kernel behind the dispatcher, with ctypes, measured
-6-7 us more a call, over half the kernel's own time at 4x128). Where no compiler or AVX2 is found, `available()` is
-False and NF4Linear dequantizes in plain PyTorch.
+and a call costs what an aten operator's does (a Python kernel behind the dispatcher, with ctypes,
+measured 6-7 us more a call, over half the kernel's own time at 4x128). Where no compiler or AVX2 is
+found, `available()` is False and NF4Linear dequantizes in plain PyTorch.
 """
 
 import fcntl
@@ -24,7 +24,7 @@ import torch
 
 MAX_ROWS = 16  # more activation rows (prefill, evaluation) go to dequantize + MKL's matmul, faster there
 
-SOURCE = r"""
+SOURCE = f"#define MAX_ROWS {MAX_ROWS}\n" + r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -34,7 +34,7 @@ SOURCE = r"""
 /* y[m, n] = sum_k x[m, k] * absmax[(n K + k) / block] * code[q(n K + k)], codes two to a byte, the
    first in the high nibble. xp holds x with each 16-column chunk reordered as its 8 even columns,
    then its 8 odd ones, matching the high and low nibbles of 8 packed bytes. K % 16 == 0 and
-   block % 16 == 0, so one chunk lies in one block; M <= 16. */
+   block % 16 == 0, so one chunk lies in one block; M <= MAX_ROWS. */
 static inline __m256 lookup(__m256i codes, __m256 low_table, __m256 high_table) {
     /* two 8-entry tables; bit 3 of each code, shifted into the sign bit, picks the second */
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low_table, codes), _mm256_permutevar8x32_ps(high_table, codes),
@@ -49,15 +49,22 @@ static inline void decode_chunk(const uint8_t* bytes, float scale, __m256 low_ta
     *odd = _mm256_mul_ps(lookup(_mm256_and_si256(wide, _mm256_set1_epi32(15)), low_table, high_table), s);
 }
 
+/* the scale of the next 16-code chunk, its block counted rather than divided out (a division costs more
+   than a chunk's decoding); rows are consecutive in the flat weight, so the count runs on across them */
+static inline float next_scale(const float* absmax, int64_t* block_index, int64_t* offset, int64_t block) {
+    float scale = absmax[*block_index];
+    *offset += 16;
+    if (*offset == block) { *offset = 0; (*block_index)++; }
+    return scale;
+}
+
 static inline float horizontal_sum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_hadd_ps(s, s);
     return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 
-/* one activation row (batch-1 decoding): four accumulators in registers, two chunks per iteration.
-   The block of each chunk is counted, not divided out: rows are consecutive in the flat weight, so
-   (block_index, offset) runs on across them, and an integer division costs more than a chunk's decoding. */
+/* one activation row (batch-1 decoding): four accumulators in registers, two chunks per iteration */
 static void nf4_vector(const float* xp, const uint8_t* packed, const float* absmax, __m256 low_table,
                        __m256 high_table, float* y, int64_t N, int64_t K, int64_t block) {
     __m256 even, odd, even2, odd2;
@@ -67,12 +74,8 @@ static void nf4_vector(const float* xp, const uint8_t* packed, const float* absm
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
         int64_t k = 0;
         for (; k + 32 <= K; k += 32) {
-            float first_scale = absmax[block_index];
-            offset += 16;
-            if (offset == block) { offset = 0; block_index++; }
-            float second_scale = absmax[block_index];
-            offset += 16;
-            if (offset == block) { offset = 0; block_index++; }
+            float first_scale = next_scale(absmax, &block_index, &offset, block);
+            float second_scale = next_scale(absmax, &block_index, &offset, block);
             decode_chunk(row + k / 2, first_scale, low_table, high_table, &even, &odd);
             decode_chunk(row + k / 2 + 8, second_scale, low_table, high_table, &even2, &odd2);
             a0 = _mm256_fmadd_ps(even, _mm256_loadu_ps(xp + k), a0);
@@ -81,9 +84,7 @@ static void nf4_vector(const float* xp, const uint8_t* packed, const float* absm
             a3 = _mm256_fmadd_ps(odd2, _mm256_loadu_ps(xp + k + 24), a3);
         }
         if (k < K) {
-            decode_chunk(row + k / 2, absmax[block_index], low_table, high_table, &even, &odd);
-            offset += 16;
-            if (offset == block) { offset = 0; block_index++; }
+            decode_chunk(row + k / 2, next_scale(absmax, &block_index, &offset, block), low_table, high_table, &even, &odd);
             a0 = _mm256_fmadd_ps(even, _mm256_loadu_ps(xp + k), a0);
             a1 = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xp + k + 8), a1);
         }
@@ -96,21 +97,19 @@ static void nf4_linear(const float* x, const uint8_t* packed, const float* absma
     float* xp = (float*)malloc(sizeof(float) * M * K);
     for (int64_t i = 0; i < M * K; i++) xp[(i / 16) * 16 + (i % 2) * 8 + (i % 16) / 2] = x[i];
     const __m256 low_table = _mm256_loadu_ps(code), high_table = _mm256_loadu_ps(code + 8);
-    __m256 acc[2 * 16], even, odd;
+    __m256 acc[2 * MAX_ROWS], even, odd;
     if (M == 1) {
         nf4_vector(xp, packed, absmax, low_table, high_table, y, N, K, block);
         free(xp);
         return;
     }
-    int64_t block_index = 0, offset = 0;  /* counted across rows, as in nf4_vector */
+    int64_t block_index = 0, offset = 0;
     for (int64_t n = 0; n < N; n++) {
         const uint8_t* row = packed + n * K / 2;
         /* two accumulators per activation row, so consecutive multiply-adds do not wait on each other */
         for (int64_t m = 0; m < 2 * M; m++) acc[m] = _mm256_setzero_ps();
         for (int64_t k = 0; k < K; k += 16) {
-            decode_chunk(row + k / 2, absmax[block_index], low_table, high_table, &even, &odd);
-            offset += 16;
-            if (offset == block) { offset = 0; block_index++; }
+            decode_chunk(row + k / 2, next_scale(absmax, &block_index, &offset, block), low_table, high_table, &even, &odd);
             for (int64_t m = 0; m < M; m++) {
                 const float* xm = xp + m * K + k;
                 acc[2 * m] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xm), acc[2 * m]);
@@ -125,7 +124,7 @@ static void nf4_linear(const float* x, const uint8_t* packed, const float* absma
 /* the operator: checks what the kernel assumes, converts only what is not already so (no copy in decoding) */
 static at::Tensor nf4_linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                                 const at::Tensor& code, int64_t out_features, int64_t block_size) {
-    TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16 && x.size(1) % 16 == 0 && block_size % 16 == 0,
+    TORCH_CHECK(x.dim() == 2 && x.size(0) <= MAX_ROWS && x.size(1) % 16 == 0 && block_size % 16 == 0,
                 "nf4_linear: x must be (M <= 16, K % 16 == 0) and block_size % 16 == 0");
     TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() * 2 == out_features * x.size(1),
                 "nf4_linear: packed must hold out_features * K / 2 bytes");
@@ -165,15 +164,13 @@ def build(path: str) -> None:
             return
         torch_dir = os.path.dirname(torch.__file__)
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            source, built = os.path.join(tmp, "nf4.cpp"), os.path.join(tmp, "nf4.so")
-            with open(source, "w") as file:
-                file.write(SOURCE)
-            command = [
+            built = os.path.join(tmp, "nf4.so")
+            command = [  # the source comes on standard input (-x c++ -): only the library is written
                 os.environ.get("CXX", "g++"), "-O3", "-mavx2", "-mfma", "-std=c++20", "-shared", "-fPIC",
                 f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-I" + os.path.join(torch_dir, "include"),
-                source, "-o", built, "-L" + os.path.join(torch_dir, "lib"), "-lc10", "-ltorch_cpu",
+                "-x", "c++", "-", "-o", built, "-L" + os.path.join(torch_dir, "lib"), "-lc10", "-ltorch_cpu",
             ]
-            subprocess.run(command, check=True, capture_output=True, timeout=300)
+            subprocess.run(command, input=SOURCE, text=True, check=True, capture_output=True, timeout=300)
             with open(built, "rb") as library_file:
                 os.fsync(library_file.fileno())  # on disk before the rename, so a crash leaves no empty library
             os.replace(built, path)  # atomic: another process sees the whole library or none
