@@ -1,16 +1,24 @@
 """Writing files so that a failure never leaves a part of one: temp file beside it, fsync, os.replace.
 
-Every file the project writes goes through `write_atomically`; a failed write is one line
-(`WriteError`) naming the path, the cause and the fix.
+Every file the project writes goes through `write_atomically`, every directory (an export, a token
+store) through `write_directory_atomically`; a failed write is one line (`WriteError`) naming the
+path, the cause and the fix.
 """
 
 import contextlib
 import errno
 import os
 import re
+import shutil
 import tempfile
+from pathlib import Path
+from typing import Callable
 
 from picogpt_lightning.errors import UserError
+
+# safetensors and tokenizers write from Rust and raise their own exception types, naming the OS error inside
+OS_ERROR_IN_MESSAGE = re.compile(r"os error (\d+)|code: (\d+)")
+
 
 class WriteError(UserError):
     """A file that could not be written (disk full, read-only, permissions), named with the cause in one line."""
@@ -85,15 +93,19 @@ class RecordingWriter:
         return getattr(self.file, name)
 
 
-def remove_stale_temporaries(path: str) -> None:
-    """Removes `path`'s temporary files whose writer (a pid on this machine) is gone: SIGKILLed mid-write."""
+def remove_stale_temporaries(path: str, suffix: str = ".tmp") -> None:
+    """Removes `path`'s temporary files (or staging directories) whose writer, a pid on this machine, is gone:
+    SIGKILLed mid-write."""
     directory, name = os.path.split(os.path.abspath(path))
-    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[^.]+\.tmp")
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[^.]+{re.escape(suffix)}")
     for entry in os.listdir(directory):
         match = pattern.fullmatch(entry)
         if match and not process_running(int(match.group(1))):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(directory, entry))
+            stale = os.path.join(directory, entry)
+            if os.path.isdir(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.remove(stale)
 
 
 def process_running(pid: int) -> bool:
@@ -116,6 +128,87 @@ def sync_directory(directory: str) -> None:
 
 def file_mode() -> int:
     """The permissions a plain open() would give a new file under this process's umask."""
+    return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def write_directory_atomically(directory: str, write: Callable[[str], None]) -> None:
+    """`write(staging)` into a temporary directory beside `directory`, fsynced, then renamed into its place.
+
+    The temporary directory shares `directory`'s parent, so every rename stays on one filesystem.
+    An existing `directory` is moved aside, the new one renamed in, and only then the old one
+    deleted: a failure at any moment leaves the previous directory (or none), never a part of one,
+    and one line naming the path and the cause.
+    """
+    target = Path(directory).absolute()
+    staging = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(str(target), suffix=".partial")
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent))
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the result from the user's group
+        write(str(staging))
+        sync_tree(staging)
+        replace_directory(staging, target)
+        staging = None
+    except Exception as error:  # noqa: BLE001 - a failed write becomes one line; anything else is re-raised
+        cause = os_error(error)
+        if cause is None:
+            raise
+        raise write_error(directory, cause) from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Renames `new` to `target`; an existing `target` is moved aside first and deleted once `new` is in place."""
+    if not os.path.lexists(target):
+        os.rename(new, target)
+        sync_directory(str(target.parent))
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    try:
+        os.rename(target, aside / target.name)
+        try:
+            os.rename(new, target)
+        except OSError:
+            os.rename(aside / target.name, target)  # the previous export back in its place
+            raise
+    except OSError:
+        aside.rmdir()
+        raise
+    sync_directory(str(target.parent))
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def sync_tree(directory: Path) -> None:
+    """fsyncs every file under `directory` and the directories themselves, before the rename publishes them."""
+    for root, _, names in os.walk(directory):
+        for name in names:
+            descriptor = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        sync_directory(root)
+
+
+def os_error(error: BaseException):
+    """The OSError behind a failed write: in the exception's chain, or named in a Rust library's message."""
+    seen, cause = set(), error
+    while cause is not None and id(cause) not in seen and not isinstance(cause, UserError):
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    match = OS_ERROR_IN_MESSAGE.search(str(error)) if not isinstance(error, UserError) else None
+    if match:
+        number = int(match.group(1) or match.group(2))
+        return OSError(number, os.strerror(number))
+    return None

@@ -15,6 +15,7 @@ shows its traceback.
 
 import importlib
 import inspect
+import json
 import os
 import sys
 from typing import Callable, Dict, List, Optional
@@ -36,6 +37,7 @@ COMMANDS: Dict[str, tuple] = {
     "export": ("export", "export"),
     "quantize": ("quantize", "quantize"),
     "merge": ("merge", "merge"),
+    "prepare": ("prepare", "prepare"),
 }
 
 
@@ -49,7 +51,24 @@ def run_command(name: str, args: List[str]) -> None:
 
     for path in config_paths(args):  # jsonargparse's UnicodeDecodeError names neither the file nor the fix
         read_text(path, "config")
-    CLI(command_function(name), args=args, prog=f"python -m picogpt_lightning {name}", as_positional=False)
+    function = command_function(name)
+    args = join_list_flags(args, getattr(inspect.getmodule(function), "LIST_FLAGS", ()))
+    CLI(function, args=args, prog=f"python -m picogpt_lightning {name}", as_positional=False)
+
+
+def join_list_flags(args: List[str], flags) -> List[str]:
+    """`--source a b c` (what a shell glob expands to) as the one JSON list jsonargparse reads: `--source ["a","b","c"]`."""
+    joined, i = [], 0
+    while i < len(args):
+        joined.append(args[i])
+        if args[i] in flags:
+            values = []
+            while i + 1 < len(args) and not args[i + 1].startswith("--"):
+                values.append(args[i + 1])
+                i += 1
+            joined.append(values[0] if len(values) == 1 else json.dumps(values))
+        i += 1
+    return joined
 
 
 def print_help() -> None:

@@ -98,9 +98,11 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """``encode`` for many texts at once (the backend encodes them in parallel)."""
+        # Plain ids need none of transformers' bookkeeping, which would double the time on a corpus,
+        # nor the character offsets that `encode_batch_fast` (tokenizers >= 0.20.1) skips.
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         try:
-            # Plain ids need none of transformers' bookkeeping, which would double the time on a corpus.
-            encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+            encodings = encode(list(texts), add_special_tokens=False)
         except Exception as err:  # the Rust backend rejects unknown symbols without naming them
             raise self._encoding_error(texts, err) from err
         return [encoding.ids for encoding in encodings]
@@ -151,7 +153,7 @@ class Tokenizer:
     def _encoding_error(self, texts: list[str], err: Exception) -> UserError:
         vocab = self.backend.get_vocab()
         unknown = sorted({char for text in texts for char in text} - vocab.keys())
-        if unknown and all(len(token) == 1 for token in vocab):  # a character vocabulary
+        if unknown and all(len(token) == 1 or token == EOS_TOKEN for token in vocab):  # a character vocabulary
             return UserError(
                 f"character(s) {', '.join(map(repr, unknown[:5]))} not in the {self.kind!r} tokenizer's "
                 f"{len(vocab)}-symbol vocabulary; build the char tokenizer from text that contains them"
@@ -166,31 +168,47 @@ def build_tokenizer(kind: str, text: str | None = None, vocab_size: int | None =
     if kind != "bpe" and vocab_size is not None:
         raise UserError(f"vocab_size applies only to the 'bpe' tokenizer, the {kind!r} vocabulary is fixed; drop it")
     if kind == "char":
-        return _build_char(_require_text(text, kind))
+        return char_tokenizer(set(_require_text(text, kind)))
     if kind == "bpe":
-        return _train_bpe(_require_text(text, kind), vocab_size)
-    if kind.endswith(".ckpt"):  # the tokenizer a model of this project was trained with (e.g. a teacher's)
-        return Tokenizer.from_checkpoint(kind)
-    return Tokenizer(kind, _load_pretrained(kind))  # text is not needed: the vocabulary comes with it
+        return train_bpe([_require_text(text, kind)], vocab_size)
+    return load_tokenizer(kind)  # text is not needed: the vocabulary comes with it
 
 
-def _build_char(text: str) -> Tokenizer:
+def load_tokenizer(name: str) -> Tokenizer:
+    """The tokenizer of a checkpoint of this project (e.g. a teacher's), or of a Hugging Face folder or hub id."""
+    if name.endswith(".ckpt"):
+        return Tokenizer.from_checkpoint(name)
+    return Tokenizer(name, _load_pretrained(name))
+
+
+def char_tokenizer(symbols: set[str], end_of_text: bool = False) -> Tokenizer:
+    """One token per symbol; with `end_of_text`, EOS_TOKEN after them as the end-of-document token (and pad)."""
     # Sorted symbols give nanoGPT's ids (its stoi), so results compare one to one.
-    vocab = {char: i for i, char in enumerate(sorted(set(text)))}
+    vocab = {char: i for i, char in enumerate(sorted(symbols))}
+    if end_of_text:
+        vocab[EOS_TOKEN] = len(vocab)
     backend = BackendTokenizer(models.WordLevel(vocab, unk_token=None))
     # Every character is its own pre-token, spaces and newlines included, and decoding just concatenates.
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    return Tokenizer("char", _wrap(backend))
+    if not end_of_text:
+        return Tokenizer("char", _wrap(backend))
+    backend.add_special_tokens([EOS_TOKEN])  # matched whole, never split into its characters
+    return Tokenizer("char", _wrap(backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN))
 
 
-def _train_bpe(text: str, vocab_size: int | None) -> Tokenizer:
+def train_bpe(texts, vocab_size: int | None) -> Tokenizer:
+    """A byte-level BPE (GPT-2 style) of `vocab_size` tokens learnt from the strings `texts`, EOS_TOKEN among them.
+
+    Merges stop where the text has no pair left to merge: a size the text cannot reach is a one-line error
+    saying what it reached.
+    """
     if vocab_size is None or vocab_size < MIN_BPE_VOCAB_SIZE:
         raise UserError(
             f"the 'bpe' tokenizer needs vocab_size >= {MIN_BPE_VOCAB_SIZE} (256 bytes + {EOS_TOKEN}), "
             f"got {vocab_size}; pass e.g. vocab_size=512"
         )
-    # Byte-level (GPT-2 style): every string is encodable and decoding restores it exactly.
+    # Byte-level: every string is encodable and decoding restores it exactly.
     backend = BackendTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -200,7 +218,13 @@ def _train_bpe(text: str, vocab_size: int | None) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator([text], trainer=trainer)
+    backend.train_from_iterator(texts, trainer=trainer)
+    reached = backend.get_vocab_size(with_added_tokens=True)
+    if reached < vocab_size:
+        raise UserError(
+            f"BPE reached only {reached} of the {vocab_size} tokens asked for: the text has no more pairs to merge; "
+            f"pass vocab_size <= {reached} or more text"
+        )
     return Tokenizer("bpe", _wrap(backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN))
 
 

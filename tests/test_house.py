@@ -36,6 +36,7 @@ TIERS = {
     "picogpt_lightning.hf": 2,
     "picogpt_lightning.hf_adapter": 2,
     "picogpt_lightning.tokenizer": 2,
+    "picogpt_lightning.corpus": 2,
     "picogpt_lightning.data": 3,
     "picogpt_lightning.modules": 3,
     "picogpt_lightning.callbacks": 3,

@@ -1,24 +1,15 @@
 """`python -m picogpt_lightning export`: a checkpoint in, a Hugging Face model directory out."""
 
 import os
-import re
-import shutil
-import tempfile
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Callable
 
 from picogpt_lightning import PicoGPT, checkpoints
+from picogpt_lightning.atomic import write_directory_atomically
 from picogpt_lightning.commands.outputs import check_output
-from picogpt_lightning.errors import UserError
 from picogpt_lightning.hf import llama_config, save_pretrained
 from picogpt_lightning.hf_adapter import save_lora_export
 from picogpt_lightning.lora import LoraSettings
 from picogpt_lightning.tokenizer import Tokenizer
-
-# safetensors and tokenizers write from Rust and raise their own exception types, naming the OS error inside
-OS_ERROR_IN_MESSAGE = re.compile(r"os error (\d+)|code: (\d+)")
-
 
 def export_checkpoint(checkpoint_path: str, directory: str, overwrite: bool = False, merge_adapters: bool = False) -> bool:
     """A checkpoint of this project -> a Hugging Face directory (model, generation config, tokenizer), atomically.
@@ -55,81 +46,6 @@ def no_transformers_progress_bar():
     finally:
         if enabled:
             transformers_logging.enable_progress_bar()
-
-
-def write_directory_atomically(directory: str, write: Callable[[str], None]) -> None:
-    """`write(staging)` into a temporary directory beside `directory`, fsynced, then renamed into its place.
-
-    The temporary directory shares `directory`'s parent, so every rename stays on one filesystem.
-    An existing `directory` is moved aside, the new one renamed in, and only then the old one
-    deleted: a failure at any moment leaves the previous directory (or none), never a part of one,
-    and one line naming the path and the cause.
-    """
-    target = Path(directory).absolute()
-    staging = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-        write(str(staging))
-        sync_tree(staging)
-        replace_directory(staging, target)
-        staging = None
-    except Exception as error:  # noqa: BLE001 - a failed write becomes one line; anything else is re-raised
-        cause = os_error(error)
-        if cause is None:
-            raise
-        raise checkpoints.write_error(directory, cause) from None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def replace_directory(new: Path, target: Path) -> None:
-    """Renames `new` to `target`; an existing `target` is moved aside first and deleted once `new` is in place."""
-    if not os.path.lexists(target):
-        os.rename(new, target)
-        checkpoints.sync_directory(str(target.parent))
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    try:
-        os.rename(target, aside / target.name)
-        try:
-            os.rename(new, target)
-        except OSError:
-            os.rename(aside / target.name, target)  # the previous export back in its place
-            raise
-    except OSError:
-        aside.rmdir()
-        raise
-    checkpoints.sync_directory(str(target.parent))
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def sync_tree(directory: Path) -> None:
-    """fsyncs every file under `directory` and the directories themselves, before the rename publishes them."""
-    for root, _, names in os.walk(directory):
-        for name in names:
-            descriptor = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-        checkpoints.sync_directory(root)
-
-
-def os_error(error: BaseException):
-    """The OSError behind a failed write: in the exception's chain, or named in a Rust library's message."""
-    seen, cause = set(), error
-    while cause is not None and id(cause) not in seen and not isinstance(cause, UserError):
-        if isinstance(cause, OSError) and cause.errno is not None:
-            return cause
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    match = OS_ERROR_IN_MESSAGE.search(str(error)) if not isinstance(error, UserError) else None
-    if match:
-        number = int(match.group(1) or match.group(2))
-        return OSError(number, os.strerror(number))
-    return None
 
 
 def export(ckpt: str, out: str, overwrite: bool = False, merge_adapters: bool = False) -> None:

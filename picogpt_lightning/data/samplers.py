@@ -72,3 +72,18 @@ class LengthGroupedSampler(ResumableSampler):
             group = order[start : start + self.group_size]
             grouped += sorted(group, key=lambda index: self.lengths[index], reverse=True)
         return grouped
+
+
+class RunningSampler(ResumableSampler):
+    """Sample numbers that run on across epochs: epoch e yields e * len(dataset) + i for this rank's i.
+
+    Rank r takes positions r, r + world, r + 2 * world, ... of each epoch, so ranks never share a
+    number. Nothing is shuffled or held in memory: a dataset that turns each number into its own
+    window (StoreWindows) gets fresh windows at every step, however large the corpus.
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.start = self.start, 0  # only the first pass after a resume starts part-way
+        size, base = len(self.dataset), self.epoch * len(self.dataset)
+        # positions past the end wrap to the start, so every rank gets as many (DistributedSampler's rule)
+        return (base + (self.rank + k * self.num_replicas) % size for k in range(start, self.num_samples))

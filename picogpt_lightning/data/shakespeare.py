@@ -1,6 +1,7 @@
 """Tiny Shakespeare as a LightningDataModule: nanoGPT's random windows, or one sample per speech.
 
-Everything here is a plain map-style dataset. The train loader's sampler (data/samplers.py) shards
+The corpus is tokenized once into a token store in the cache (data/cached_store.py), which
+later runs open instead of tokenizing again. Everything here is a plain map-style dataset. The train loader's sampler (data/samplers.py) shards
 it across DDP ranks itself, so Lightning keeps it instead of injecting a DistributedSampler, and
 can resume part-way through an epoch: an interrupted run continues with the very batches it would
 have seen (the position travels in checkpoints through ``state_dict``).
@@ -10,29 +11,34 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from picogpt_lightning.data.base import PicoGPTDataModule, require_loader_options, require_positive_int
+from picogpt_lightning.data.base import (
+    MAX_VAL_WINDOWS, PicoGPTDataModule, check_block_size, require_loader_options, require_positive_int,
+)
+from picogpt_lightning.data.cached_store import cached_store
 from picogpt_lightning.data.collate import PadCollator
 from picogpt_lightning.data.samplers import LengthGroupedSampler, ResumableSampler
-from picogpt_lightning.data.source import find_corpus, read_corpus
+from picogpt_lightning.corpus import TokenStore
+from picogpt_lightning.data.source import read_corpus
 from picogpt_lightning.data.splits import speech_spans, split_point
 from picogpt_lightning.errors import UserError
-from picogpt_lightning.tokenizer import Tokenizer, build_tokenizer
+from picogpt_lightning.tokenizer import Tokenizer
 
 MODES = ("blocks", "speeches")
-MAX_VAL_WINDOWS = 2000
 
 
 class TokenWindows(Dataset):
     """nanoGPT's batches as a dataset: windows of block_size + 1 tokens at random offsets.
 
     The offsets are drawn once from ``generator``, so an epoch is a fixed set of windows that the
-    sampler orders, and every DDP rank agrees on them.
+    sampler orders, and every DDP rank agrees on them. ``tokens`` is a split of the token store,
+    memory-mapped: a window is copied out of it when fetched.
     """
 
-    def __init__(self, tokens: torch.Tensor, block_size: int, num_samples: int, generator: torch.Generator):
+    def __init__(self, tokens: np.ndarray, block_size: int, num_samples: int, generator: torch.Generator):
         if len(tokens) < block_size + 1:
             raise UserError(
                 f"a split of {len(tokens)} tokens cannot hold one window of block_size + 1 = {block_size + 1}; "
@@ -46,17 +52,15 @@ class TokenWindows(Dataset):
         return len(self.offsets)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        offset = int(self.offsets[index])
-        # clone: a view would ship the whole token stream to the main process when workers return it
-        return self.tokens[offset : offset + self.block_size + 1].clone()
+        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> torch.Tensor:
         """A whole batch of windows as one (batch, block_size + 1) tensor, gathered by one indexing op.
 
         torch's DataLoader calls this, when a dataset has it, instead of one __getitem__ per sample.
         """
-        starts = self.offsets[torch.as_tensor(indices, dtype=torch.long)]
-        return self.tokens[starts[:, None] + torch.arange(self.block_size + 1)]
+        starts = self.offsets[torch.as_tensor(indices, dtype=torch.long)].numpy()
+        return torch.from_numpy(self.tokens[starts[:, None] + np.arange(self.block_size + 1)].astype(np.int64))
 
     @property
     def lengths(self) -> list[int]:
@@ -125,11 +129,9 @@ class TinyShakespeareDataModule(PicoGPTDataModule):
         self.save_hyperparameters()
 
         self._text: str | None = None
-        self._tokenizer: Tokenizer | None = None
+        self._store: TokenStore | None = None
         self.train_dataset: TokenWindows | TokenSequences | None = None
         self.val_dataset: TokenWindows | TokenSequences | None = None
-        self._train_sampler: ResumableSampler | None = None
-        self._resume_position: tuple[int, int] | None = None  # (epoch, samples done) of a resumed run (state_dict)
 
     @property
     def text(self) -> str:
@@ -143,18 +145,18 @@ class TinyShakespeareDataModule(PicoGPTDataModule):
         return split_point(self.text, self.hparams.val_fraction)
 
     @property
+    def store(self) -> TokenStore:
+        """The corpus tokenized once into the cache (data/cached_store.py), opened on first use."""
+        if self._store is None:
+            hparams = self.hparams
+            self._store = cached_store(hparams.data_path, hparams.tokenizer, hparams.vocab_size, hparams.val_fraction,
+                                       cache_dir=hparams.cache_dir)
+        return self._store
+
+    @property
     def tokenizer(self) -> Tokenizer:
-        """Built on first use, so LightningCLI can read ``vocab_size`` right after ``__init__``."""
-        if self._tokenizer is None:
-            kind = self.hparams.tokenizer
-            if kind == "char":  # every symbol of the corpus, 65 for tiny_shakespeare, like nanoGPT
-                self._tokenizer = build_tokenizer("char", text=self.text)
-            elif kind == "bpe":  # merges learnt on training text only
-                train_text = self.text[: self.split_index]
-                self._tokenizer = build_tokenizer("bpe", text=train_text, vocab_size=self.hparams.vocab_size)
-            else:
-                self._tokenizer = build_tokenizer(kind)
-        return self._tokenizer
+        """The store's, read on first use, so LightningCLI can read ``vocab_size`` right after ``__init__``."""
+        return self.store.tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -165,15 +167,10 @@ class TinyShakespeareDataModule(PicoGPTDataModule):
         return self.tokenizer.pad_token_id
 
     def connect_model(self, tokenizer: Tokenizer | None, block_size: int | None) -> None:
-        """Samples longer than the model's block_size would train it on positions past the context it is built for."""
-        if block_size is not None and self.hparams.block_size > block_size:
-            raise UserError(
-                f"the data's block_size ({self.hparams.block_size}) exceeds the model's ({block_size}); "
-                "set both to the same value"
-            )
+        check_block_size(self.hparams.block_size, block_size)
 
     def prepare_data(self) -> None:
-        find_corpus(self.hparams.data_path, cache_dir=self.hparams.cache_dir)  # download once, on one process
+        self.store  # download and tokenize once, on one process per node
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:
@@ -183,37 +180,13 @@ class TinyShakespeareDataModule(PicoGPTDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._require(self.train_dataset, "train")
-        trainer = self.trainer
         # the sampler takes this rank's share itself; being a DistributedSampler, Lightning keeps it under DDP
-        shard = dict(num_replicas=trainer.world_size, rank=trainer.global_rank) if trainer is not None else {}
         seed, batch_size = self.hparams.seed, self.hparams.batch_size
         if self.hparams.group_by_length:
-            sampler = LengthGroupedSampler(dataset.lengths, batch_size, seed=seed, **shard)
+            sampler = LengthGroupedSampler(dataset.lengths, batch_size, seed=seed, **self._shard())
         else:
-            sampler = ResumableSampler(dataset, seed=seed, **shard)
-        if self._resume_position is not None:
-            # set here, not left to Lightning's set_epoch: a resumed loader starts before Lightning calls it
-            epoch, samples_done = self._resume_position
-            sampler.set_epoch(epoch)
-            sampler.resume_at(samples_done)
-            self._resume_position = None
-        self._train_sampler = sampler
-        return self._loader(dataset, sampler=sampler)
-
-    # Lightning restores the model, the optimizer and its loops from a checkpoint, not where the train
-    # loader stood: the data module saves that (the epoch, and the samples of this rank's share trained on)
-    def state_dict(self) -> dict:
-        trainer, sampler = self.trainer, self._train_sampler
-        if trainer is None or sampler is None or trainer.state.fn != "fit":
-            return {}
-        samples_done = trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.hparams.batch_size
-        if samples_done >= sampler.num_samples:  # a finished epoch: the next one starts from its beginning
-            return {"train_epoch": sampler.epoch + 1, "train_samples_done": 0}
-        return {"train_epoch": sampler.epoch, "train_samples_done": samples_done}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if "train_epoch" in state_dict:
-            self._resume_position = (int(state_dict["train_epoch"]), int(state_dict["train_samples_done"]))
+            sampler = ResumableSampler(dataset, seed=seed, **self._shard())
+        return self._loader(dataset, sampler=self._resumable(sampler))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._require(self.val_dataset, "val"), shuffle=False)
@@ -227,9 +200,7 @@ class TinyShakespeareDataModule(PicoGPTDataModule):
         return self._speeches(split)
 
     def _windows(self, split: str) -> TokenWindows:
-        cut = self.split_index
-        text = self.text[:cut] if split == "train" else self.text[cut:]
-        tokens = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
+        tokens = self.store.tokens(split)
         block_size = self.hparams.block_size
         if split == "train":
             num_samples = self.hparams.train_samples or max(1, len(tokens) // block_size)
