@@ -35,7 +35,7 @@ from picogpt_lightning.callbacks import (
     InterruptCheckpoint, LastCheckpoint, NonFiniteLossCheck, RandomStateCheckpoint, add_run_callbacks,
     hide_unactionable_output,
 )
-from picogpt_lightning.callbacks import stop_signals
+from picogpt_lightning import stop_signals
 from picogpt_lightning.errors import InputNotFound, UserError, first_line
 from picogpt_lightning.modules import PicoGPTModule
 from picogpt_lightning.textfiles import config_paths, read_text
@@ -163,7 +163,7 @@ class PicoGPTCLI(LightningCLI):
         return f"{PROG} {shlex.join(args + ['--ckpt_path', ckpt_path])}"
 
 
-@stop_signals.exits_on_signals()  # from its first line: a signal in any phase exits 128 + the signal (callbacks/stop_signals.py)
+@stop_signals.exits_on_signals()  # from its first line: a signal in any phase exits 128 + the signal (stop_signals.py)
 def run_lightning(args: RunArgs) -> LightningCLI:
     """Runs LightningCLI on `args` and returns it (.model, .trainer).
 

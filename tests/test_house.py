@@ -26,6 +26,7 @@ TIERS = {
     "picogpt_lightning.errors": 0,
     "picogpt_lightning.textfiles": 0,
     "picogpt_lightning.atomic": 0,
+    "picogpt_lightning.stop_signals": 0,
     "picogpt_lightning.model": 0,
     "picogpt_lightning.quant": 0,
     "picogpt_lightning.generation": 1,

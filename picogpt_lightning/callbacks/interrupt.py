@@ -8,9 +8,9 @@ from typing import Callable, Optional
 
 from lightning.pytorch import Callback
 
-from picogpt_lightning.callbacks import stop_signals
+from picogpt_lightning import stop_signals
 from picogpt_lightning.callbacks.last_checkpoint import LastCheckpoint
-from picogpt_lightning.callbacks.stop_signals import Interrupted
+from picogpt_lightning.stop_signals import Interrupted
 
 
 class InterruptCheckpoint(Callback):

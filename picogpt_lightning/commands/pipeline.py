@@ -75,7 +75,7 @@ def run_pipeline(
         progress_bar: show Lightning's progress bars.
     """
     # Lightning loads only once a stage runs, so `python -m picogpt_lightning --help` starts without it
-    from picogpt_lightning.callbacks.stop_signals import exits_on_signals
+    from picogpt_lightning.stop_signals import exits_on_signals
     from picogpt_lightning.lightning_cli import run_lightning
 
     if size not in ("cpu", "full"):

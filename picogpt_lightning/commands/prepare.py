@@ -4,7 +4,7 @@ import os
 import time
 from typing import List, Optional, Union
 
-from picogpt_lightning.callbacks.stop_signals import exits_on_signals
+from picogpt_lightning.stop_signals import exits_on_signals
 from picogpt_lightning.commands.outputs import check_output
 from picogpt_lightning.corpus import TokenStore, is_store, prepare_store
 from picogpt_lightning.errors import UserError
