@@ -352,3 +352,12 @@ def test_fine_tuning_on_a_store_of_another_tokenizer_is_refused(shakespeare_stor
     with pytest.raises(ValueError, match="another tokenizer than the data's") as refused:
         quiet_trainer(max_steps=1).fit(model, datamodule=dm)
     assert "\n" not in str(refused.value)
+
+
+def test_a_corpus_of_nul_bytes_is_refused_by_the_shakespeare_module_too(tmp_path):
+    from picogpt_lightning.data import TinyShakespeareDataModule
+
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"\x00" * 10_000)
+    with pytest.raises(ValueError, match=f"corpus {nul} line 1 holds NUL bytes"):
+        TinyShakespeareDataModule(data_path=str(nul)).vocab_size

@@ -149,8 +149,9 @@ def parsed(placeholder_files, tmp_path_factory) -> dict[tuple[str, ...], dict]:
 
 def test_the_docs_have_commands_of_every_kind():
     kinds = {args[0] for _, args in COMMANDS if args and not args[0].startswith("-")}
-    assert {"fit", "generate", "export", "quantize", "merge", "pipeline", "serve"} <= kinds
-    assert not kinds - {"fit", "validate", "test", "predict", "generate", "export", "quantize", "merge", "pipeline", "serve"}
+    assert {"fit", "generate", "export", "quantize", "merge", "pipeline", "serve", "prepare"} <= kinds
+    assert not kinds - {"fit", "validate", "test", "predict", "generate", "export", "quantize", "merge", "pipeline", "serve",
+                        "prepare"}
 
 
 @pytest.mark.parametrize("where, args", COMMANDS, ids=[where for where, _ in COMMANDS])

@@ -70,6 +70,9 @@ def read_corpus(data_path: str | os.PathLike | None = None, cache_dir: str | os.
     """The corpus's text, found as ``find_corpus`` finds it; a file that is not UTF-8 text is a one-line error."""
     path = find_corpus(data_path, cache_dir=cache_dir)
     text = read_text(path, "corpus")
+    if "\x00" in text:  # valid UTF-8, but no text: a model would learn one symbol and report loss 0
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise UserError(f"corpus {path} line {line} holds NUL bytes: it is not a text file; point at a text file")
     if len(text) < 2:
         raise UserError(f"corpus {path} holds {len(text)} characters; point at a real text file")
     return text
