@@ -36,6 +36,7 @@ TIERS = {
     "picogpt_lightning.checkpoints": 2,
     "picogpt_lightning.hf": 2,
     "picogpt_lightning.hf_adapter": 2,
+    "picogpt_lightning.gguf_export": 2,
     "picogpt_lightning.tokenizer": 2,
     "picogpt_lightning.corpus": 2,
     "picogpt_lightning.data": 3,

@@ -1,15 +1,30 @@
-"""`python -m picogpt_lightning export`: a checkpoint in, a Hugging Face model directory out."""
+"""`python -m picogpt_lightning export`: a checkpoint in, a Hugging Face model directory or a GGUF file out."""
 
 import os
 from contextlib import contextmanager
+from typing import Literal
+
+import torch
 
 from picogpt_lightning import PicoGPT, checkpoints
 from picogpt_lightning.atomic import write_directory_atomically
 from picogpt_lightning.commands.outputs import check_output
+from picogpt_lightning.gguf_export import write_gguf
 from picogpt_lightning.hf import llama_config, save_pretrained
 from picogpt_lightning.hf_adapter import save_lora_export
 from picogpt_lightning.lora import LoraSettings
 from picogpt_lightning.tokenizer import Tokenizer
+
+
+def export_gguf(checkpoint_path: str, path: str, gguf_type: str = "f16", overwrite: bool = False) -> PicoGPT:
+    """A checkpoint of this project (packed ones dequantized, a LoRA run's folded) -> one GGUF file for llama.cpp."""
+    check_output(path, overwrite, inputs=[checkpoint_path])
+    checkpoint = checkpoints.load(checkpoint_path)  # a LoRA run's comes back folded
+    model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval(), Tokenizer.from_checkpoint(checkpoint)
+    with torch.no_grad():
+        write_gguf(model, tokenizer, path, gguf_type)
+    return model
+
 
 def export_checkpoint(checkpoint_path: str, directory: str, overwrite: bool = False, merge_adapters: bool = False) -> bool:
     """A checkpoint of this project -> a Hugging Face directory (model, generation config, tokenizer), atomically.
@@ -48,16 +63,28 @@ def no_transformers_progress_bar():
             transformers_logging.enable_progress_bar()
 
 
-def export(ckpt: str, out: str, overwrite: bool = False, merge_adapters: bool = False) -> None:
-    """Write a checkpoint as a Hugging Face directory (LlamaForCausalLM + tokenizer) for from_pretrained.
+def export(
+    ckpt: str, out: str, overwrite: bool = False, merge_adapters: bool = False, format: Literal["hf", "gguf"] = "hf",
+    gguf_type: Literal["f32", "f16", "q8_0"] = "f16",
+) -> None:
+    """Write a checkpoint as a Hugging Face directory (LlamaForCausalLM + tokenizer), or as a GGUF file for llama.cpp.
 
     Args:
         ckpt: a checkpoint written by training (model config and tokenizer inside); the model must use mlp="swiglu".
-        out: the directory to create; AutoModelForCausalLM and AutoTokenizer.from_pretrained(out) load it offline.
+        out: the directory to create (hf; AutoModelForCausalLM and AutoTokenizer.from_pretrained(out) load it offline), or the .gguf file (gguf).
         overwrite: replace out if it already exists.
         merge_adapters: for a LoRA run's checkpoint, write one model with the adapters folded in; by
-            default the base is written to out and the adapter, in peft's format, to out/adapter.
+            default the base is written to out and the adapter, in peft's format, to out/adapter (a GGUF file always holds them folded).
+        format: "hf" (a transformers directory) or "gguf" (one file that llama.cpp, Ollama and llama-cpp-python run).
+        gguf_type: the GGUF file's matrices: "f32", "f16" or "q8_0" (norms stay f32); packed checkpoints are dequantized first.
     """
+    if format == "gguf":
+        model = export_gguf(ckpt, out, gguf_type=gguf_type, overwrite=overwrite)
+        print(f"wrote {out} ({gguf_type}): llama-cli -m {out} -p 'ROMEO:' -n 100 --temp 0, or an Ollama Modelfile "
+              f"with FROM {out} (docs/generation.md)")
+        print(f"note: keep llama.cpp's context within {model.config.block_size} tokens (-c {model.config.block_size}); "
+              "past it this project slides its window and llama.cpp does not")
+        return
     wrote_adapter = export_checkpoint(ckpt, out, overwrite=overwrite, merge_adapters=merge_adapters)
     print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({out!r}) and AutoTokenizer.from_pretrained({out!r}) load it")
     if wrote_adapter:
