@@ -1,6 +1,6 @@
 """Corpora: `prepare`'s throughput against the tokenizer's own batch encoder, and `fit` over stores of 10 MB to 1 GB.
 
-    python -m benchmarks.bench_corpus [--work DIR] [--rounds 3] [--steps 100] [--smoke]
+    python -m benchmarks.bench_corpus [--work DIR] [--rounds 3] [--steps 300] [--smoke]
 
 1. Throughput: tiny_shakespeare repeated to 20 MB. The same tokenizer (char, and a 4096-token
    byte-level BPE) encodes the same 64 KiB sections with `encode_batch` on every core, all in
@@ -35,11 +35,17 @@ SPLIT = ["--val_fraction", "0.1"]  # --smoke's small texts have too few 64 KiB s
 
 
 class StepStamps(L.Callback):
-    """Appends time.time() at every training step's end to the file $BENCH_STEP_STAMPS."""
+    """Appends time.time() at every training step's end to the file $BENCH_STEP_STAMPS, and the process's peak
+    resident memory at the end (VmHWM: getrusage's maxrss would count the benchmark's own memory at the fork)."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         with open(os.environ[STAMPS_ENV], "a") as file:
             file.write(f"{time.time()}\n")
+
+    def on_train_end(self, trainer, pl_module):
+        status = Path("/proc/self/status").read_text()
+        peak_kb = int(status.split("VmHWM:")[1].split()[0])
+        Path(os.environ[STAMPS_ENV] + ".peak").write_text(str(peak_kb))
 
 
 def corpus(path: Path, megabytes: float) -> Path:
@@ -109,24 +115,25 @@ def run_fit(config: Path, steps: int, work: Path) -> tuple:
     """(peak RSS MB, seconds from process start to the first step's end, steps/s after step 10) of one fit."""
     stamps = work / "stamps.txt"
     stamps.unlink(missing_ok=True)
+    Path(f"{stamps}.peak").unlink(missing_ok=True)
     command = [sys.executable, "-m", "picogpt_lightning", "fit", "--config", str(config), "--trainer.max_steps",
                str(steps), "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
                "--trainer.enable_model_summary", "false"]
     start = time.time()
     process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, STAMPS_ENV: str(stamps)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
+    if process.wait() != 0:
         raise SystemExit(f"fit failed: {process.stderr.read()[-2000:]}")
     times = [float(line) for line in stamps.read_text().split()]
-    return usage.ru_maxrss / 1024, times[0] - start, (len(times) - 10) / (times[-1] - times[9])
+    peak_mb = int(Path(f"{stamps}.peak").read_text()) / 1024
+    return peak_mb, times[0] - start, (len(times) - 10) / (times[-1] - times[9])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/bench_corpus", help="where corpora and stores go (about 4 GB)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
     args = parser.parse_args()
     work = Path(args.work)
@@ -139,10 +146,12 @@ def main() -> None:
     stores, prepare_rows = {}, []
     for label, megabytes in sizes.items():
         stores[label] = work / f"store_{label.replace(' ', '')}"
+        timing = stores[label].with_suffix(".seconds")  # kept, so a rerun over the same stores reports them
         if not (stores[label] / "manifest.json").is_file():
-            seconds = prepare_cli(corpus(work / f"corpus_{label.replace(' ', '')}.txt", megabytes), stores[label])
-            prepare_rows.append((label, f"{seconds:.0f}", f"{megabytes / seconds:.2f}"))
-            print(prepare_rows[-1], flush=True)
+            timing.write_text(str(prepare_cli(corpus(work / f"corpus_{label.replace(' ', '')}.txt", megabytes), stores[label])))
+        seconds = float(timing.read_text())
+        prepare_rows.append((label, f"{seconds:.0f}", f"{megabytes / seconds:.2f}"))
+        print(prepare_rows[-1], flush=True)
     configs = {"tiny_shakespeare (1.1 MB)": fit_config(work, None)}
     configs.update({label: fit_config(work, store) for label, store in stores.items()})
     runs = {label: [] for label in configs}
@@ -167,7 +176,7 @@ def report(args, rows, prepare_rows, runs) -> None:
         + markdown_table(["tokenizer", "encode_batch MB/s", "M tokens/s", "prepare MB/s", "M tokens/s",
                           "prepare / encode_batch", "end to end MB/s"], rows)
         + "\n\nPreparing the stores below (char, whole processes):\n\n"
-        + markdown_table(["text", "seconds", "MB/s"], prepare_rows or [("(stores already there)", "", "")])
+        + markdown_table(["text", "seconds", "MB/s"], prepare_rows)
         + f"\n\n`fit` with configs/pretrain_cpu.yaml's model and batch, {args.steps} steps, validation off; medians of "
         f"{args.rounds} interleaved rounds:\n\n"
         + markdown_table(["data", "peak RSS MB", "s to first step", "steps/s", "vs tiny_shakespeare"], fit_rows)

@@ -26,9 +26,9 @@ from picogpt_lightning.hf import llama_config, llama_state_dict
 from picogpt_lightning.model import PicoGPT
 from picogpt_lightning.tokenizer import Tokenizer
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 SPM_SPACE = "\u2581"  # "▁": SentencePiece's escaped space
-Q8_0_BLOCK = 32  # q8_0 quantizes rows in blocks of 32 values
+QUANT_BLOCK = 32  # q8_0 and q4_0 quantize rows in blocks of 32 values
 # transformers' name in a decoder layer -> GGUF's in blk.N
 LAYER_NAMES = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -66,7 +66,7 @@ def write_gguf(model: PicoGPT, tokenizer: Tokenizer, path: str, gguf_type: str =
     writer.add_layer_norm_rms_eps(float(config.norm_eps))
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[gguf_type])
     add_tokenizer(writer, tokenizer, config.vocab_size)
     for name, tensor in gguf_tensors(model).items():
         data, raw_type = encode_tensor(tensor, gguf_type)
@@ -125,8 +125,9 @@ def encode_tensor(data: np.ndarray, gguf_type: str):
 
     if data.ndim == 1 or gguf_type == "f32":
         return data, gguf.GGMLQuantizationType.F32
-    if gguf_type == "q8_0" and data.shape[-1] % Q8_0_BLOCK == 0:
-        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    quantized = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}.get(gguf_type)
+    if quantized is not None and data.shape[-1] % QUANT_BLOCK == 0:
+        return gguf.quants.quantize(data, quantized), quantized
     return data.astype(np.float16), gguf.GGMLQuantizationType.F16
 
 

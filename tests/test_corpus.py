@@ -28,6 +28,7 @@ from picogpt_lightning.corpus.sections import sections
 from picogpt_lightning.data import TokenStoreDataModule, build_tokenizer
 from picogpt_lightning.data.token_store import splitmix64
 from picogpt_lightning.modules import LanguageModelModule
+from test_faults_inputs import one_line_error
 from tiny_training import LossRecorder, quiet_trainer, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*dataloader is not resumable", "ignore:.*does not have many workers")
@@ -35,14 +36,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*dataloader is not resumable", 
 EOS = "<|endoftext|>"
 REPO = Path(__file__).resolve().parent.parent
 DOCUMENTS = [f"Document {i}: {'to be or not to be, ' * (i % 5 + 1)}that is question {i}.\n" for i in range(40)]
-
-
-def one_line_error(*args: str) -> str:
-    with pytest.raises(SystemExit) as stopped:
-        main(list(args))
-    message = stopped.value.code
-    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
-    return message
 
 
 def split_documents(store: TokenStore, split: str) -> list:

@@ -65,7 +65,7 @@ def no_transformers_progress_bar():
 
 def export(
     ckpt: str, out: str, overwrite: bool = False, merge_adapters: bool = False, format: Literal["hf", "gguf"] = "hf",
-    gguf_type: Literal["f32", "f16", "q8_0"] = "f16",
+    gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] = "f16",
 ) -> None:
     """Write a checkpoint as a Hugging Face directory (LlamaForCausalLM + tokenizer), or as a GGUF file for llama.cpp.
 
@@ -76,7 +76,7 @@ def export(
         merge_adapters: for a LoRA run's checkpoint, write one model with the adapters folded in; by
             default the base is written to out and the adapter, in peft's format, to out/adapter (a GGUF file always holds them folded).
         format: "hf" (a transformers directory) or "gguf" (one file that llama.cpp, Ollama and llama-cpp-python run).
-        gguf_type: the GGUF file's matrices: "f32", "f16" or "q8_0" (norms stay f32); packed checkpoints are dequantized first.
+        gguf_type: the GGUF file's matrices: "f32", "f16", "q8_0" or "q4_0" (norms stay f32); packed checkpoints are dequantized first.
     """
     if format == "gguf":
         model = export_gguf(ckpt, out, gguf_type=gguf_type, overwrite=overwrite)

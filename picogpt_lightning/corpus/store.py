@@ -52,7 +52,8 @@ def is_store(path) -> bool:
 
 
 class StoreWriter:
-    """Writes a store into an empty directory: tokens appended split by split, the manifest last."""
+    """Writes a store into an empty staging directory (write_directory_atomically fsyncs it and renames it into
+    place whole): tokens appended split by split, the manifest last."""
 
     def __init__(self, directory, tokenizer: Tokenizer):
         self.directory = Path(directory)
