@@ -8,9 +8,8 @@ import torch
 
 from picogpt_lightning import PicoGPT
 from picogpt_lightning.commands.export import export_gguf
+from picogpt_lightning.commands.quantize import quantize_checkpoint
 from picogpt_lightning.gguf_export import rotary_permute
-from picogpt_lightning.quant import quantize_int8
-from picogpt_lightning import checkpoints
 from picogpt_lightning.tokenizer import Tokenizer, build_tokenizer
 from test_cli_generate import TEXT, run_cli, train_tiny_checkpoint
 
@@ -34,6 +33,7 @@ def checkpoint(request, tmp_path_factory, corpus_path):
     else:
         tokenizer = build_tokenizer("bpe", corpus_path.read_text()[:100_000], vocab_size=300)
     path = tmp_path_factory.mktemp(request.param) / "tiny.ckpt"
+    torch.manual_seed(0)  # the same model whichever tests ran before in this worker
     train_tiny_checkpoint(path, tokenizer, block_size=BLOCK_SIZE)
     return str(path)
 
@@ -59,6 +59,10 @@ def test_llama_cpp_tokenizes_and_decodes_as_the_project(checkpoint, gguf_type, t
     path = str(tmp_path / f"model.{gguf_type}.gguf")
     export_gguf(checkpoint, path, gguf_type=gguf_type)
     model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval(), Tokenizer.from_checkpoint(checkpoint)
+    if gguf_type == "f16":  # the weights the file holds: its matrices in half precision, norms in float32
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.data = parameter.data.half().float()
     vocab_only = llama.Llama(path, vocab_only=True, verbose=False)
     agree = total = 0
     for prompt in PARITY_PROMPTS:
@@ -77,15 +81,13 @@ def test_llama_cpp_tokenizes_and_decodes_as_the_project(checkpoint, gguf_type, t
 
 def test_a_packed_checkpoint_exports_its_dequantized_weights(checkpoint, tmp_path):
     llama_cpp()
-    model = quantize_int8(PicoGPT.from_checkpoint(checkpoint)).eval()
-    packed = tmp_path / "int8.pt"
-    checkpoints.save_quantized(str(packed), model, {"method": "int8", "skip": ["lm_head"]},
-                               tokenizer=checkpoints.load(checkpoint).tokenizer_dict)
-    export_gguf(str(packed), str(tmp_path / "int8.gguf"), gguf_type="f32")
+    packed = str(tmp_path / "int8.pt")
+    quantize_checkpoint(checkpoint, packed, "int8")
+    export_gguf(packed, str(tmp_path / "int8.gguf"), gguf_type="f32")
     ids = Tokenizer.from_checkpoint(checkpoint).encode("whether 'tis")
     # int8's kernel rounds activations to bfloat16; the dequantized weights in float32 are what GGUF holds
     reference = PicoGPT.from_checkpoint(checkpoint).eval()
-    for name, layer in model.named_modules():
+    for name, layer in PicoGPT.from_checkpoint(packed).named_modules():
         if hasattr(layer, "dequantize"):
             reference.get_submodule(name).weight.data.copy_(layer.dequantize())
     assert greedy_llama_cpp(str(tmp_path / "int8.gguf"), ids) == greedy_project(reference, ids)
