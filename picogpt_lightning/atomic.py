@@ -10,6 +10,8 @@ import errno
 import os
 import re
 import shutil
+import signal
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -93,19 +95,15 @@ class RecordingWriter:
         return getattr(self.file, name)
 
 
-def remove_stale_temporaries(path: str, suffix: str = ".tmp") -> None:
-    """Removes `path`'s temporary files (or staging directories) whose writer, a pid on this machine, is gone:
-    SIGKILLed mid-write."""
+def remove_stale_temporaries(path: str) -> None:
+    """Removes `path`'s temporary files whose writer (a pid on this machine) is gone: SIGKILLed mid-write."""
     directory, name = os.path.split(os.path.abspath(path))
-    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[^.]+{re.escape(suffix)}")
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[^.]+\.tmp")
     for entry in os.listdir(directory):
         match = pattern.fullmatch(entry)
         if match and not process_running(int(match.group(1))):
-            stale = os.path.join(directory, entry)
-            if os.path.isdir(stale):
-                shutil.rmtree(stale, ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                os.remove(stale)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, entry))
 
 
 def process_running(pid: int) -> bool:
@@ -142,19 +140,21 @@ def write_directory_atomically(directory: str, write: Callable[[str], None]) -> 
 
     The temporary directory shares `directory`'s parent, so every rename stays on one filesystem.
     An existing `directory` is moved aside, the new one renamed in, and only then the old one
-    deleted: a failure at any moment leaves the previous directory (or none), never a part of one,
-    and one line naming the path and the cause.
+    deleted, with SIGTERM, SIGINT and SIGHUP held back meanwhile: a failure at any moment leaves
+    the previous directory (or none), never a part of one, and one line naming the path and the
+    cause. What a SIGKILL leaves, the next write beside it clears up (recover_directory).
     """
     target = Path(directory).absolute()
     staging = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(str(target), suffix=".partial")
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent))
+        recover_directory(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{writer_tag()}.", suffix=".partial", dir=target.parent))
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the result from the user's group
         write(str(staging))
         sync_tree(staging)
-        replace_directory(staging, target)
+        with signals_held():
+            replace_directory(staging, target)
         staging = None
     except Exception as error:  # noqa: BLE001 - a failed write becomes one line; anything else is re-raised
         cause = os_error(error)
@@ -166,13 +166,48 @@ def write_directory_atomically(directory: str, write: Callable[[str], None]) -> 
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def writer_tag() -> str:
+    """This writer in a temporary name: its pid and its host, so that a writer on another machine sharing the
+    folder (NFS) is never taken for a dead one of this machine."""
+    return f"{os.getpid()}-{re.sub(r'[^A-Za-z0-9_-]', '_', socket.gethostname())}"
+
+
+def recover_directory(target: Path) -> None:
+    """Clears what dead writers of `target` on this machine left: staging directories are removed; a previous
+    directory set aside when its writer died is put back if `target` is missing, else removed."""
+    host = re.escape(writer_tag().split("-", 1)[1])
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)-{host}\.[^.]+(\.partial|\.old)")
+    for entry in sorted(os.listdir(target.parent)):
+        match = pattern.fullmatch(entry)
+        if not match or process_running(int(match.group(1))):
+            continue
+        left = target.parent / entry
+        if match.group(2) == ".old" and (left / target.name).exists() and not os.path.lexists(target):
+            os.rename(left / target.name, target)
+        shutil.rmtree(left, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGTERM, SIGINT and SIGHUP wait until the block is done (where the platform can hold them back)."""
+    held = {signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", signal.SIGTERM)}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def replace_directory(new: Path, target: Path) -> None:
     """Renames `new` to `target`; an existing `target` is moved aside first and deleted once `new` is in place."""
     if not os.path.lexists(target):
         os.rename(new, target)
         sync_directory(str(target.parent))
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.{writer_tag()}.", suffix=".old", dir=target.parent))
     try:
         os.rename(target, aside / target.name)
         try:

@@ -207,12 +207,12 @@ def test_tiny_shakespeare_is_tokenized_once_into_the_cache(corpus_path, tmp_path
     monkeypatch.setenv("PICOGPT_CACHE", str(tmp_path / "cache"))
     first = TinyShakespeareDataModule(data_path=str(corpus_path), block_size=32)
     assert first.vocab_size == 65  # nanoGPT's vocabulary: no end-of-text token added
-    stores = list((tmp_path / "cache" / "stores").iterdir())
-    assert len(stores) == 1
+    stores = sorted((tmp_path / "cache" / "stores").iterdir())
+    assert len(stores) == 2 and stores[1].name == stores[0].name + ".lock"  # one store, and the lock its makers take
     made = stores[0].stat().st_mtime_ns
     second = TinyShakespeareDataModule(data_path=str(corpus_path), block_size=32)
     second.setup("fit")
-    assert stores[0].stat().st_mtime_ns == made and list((tmp_path / "cache" / "stores").iterdir()) == stores
+    assert stores[0].stat().st_mtime_ns == made and sorted((tmp_path / "cache" / "stores").iterdir()) == stores
     text = corpus_path.read_text()
     cut = int(len(text) * 0.9)
     assert second.tokenizer.decode(second.store.tokens("val")) == text[cut:]
@@ -354,3 +354,53 @@ def test_a_corpus_of_nul_bytes_is_refused_by_the_shakespeare_module_too(tmp_path
     nul.write_bytes(b"\x00" * 10_000)
     with pytest.raises(ValueError, match=f"corpus {nul} line 1 holds NUL bytes"):
         TinyShakespeareDataModule(data_path=str(nul)).vocab_size
+
+
+def test_overwrite_never_replaces_a_file(tmp_path):
+    source = write_source("jsonl", tmp_path / "src")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    message = one_line_error("prepare", "--source", source, "--out", str(notes), "--overwrite", "true")
+    assert "is a file" in message and notes.read_text() == "keep me"
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_store_set_aside_by_a_killed_writer_is_put_back(tmp_path):
+    from picogpt_lightning.atomic import write_directory_atomically, writer_tag
+
+    host = writer_tag().split("-", 1)[1]
+    aside = tmp_path / f".store.{dead_pid()}-{host}.abc.old"  # killed between its two renames: no store in place
+    (aside / "store").mkdir(parents=True)
+    (aside / "store" / "manifest.json").write_text("the previous store")
+    staging = tmp_path / f".store.{dead_pid()}-{host}.def.partial"
+    staging.mkdir()
+    elsewhere = tmp_path / f".store.{dead_pid()}-another_host.ghi.partial"  # a live writer on another machine, maybe
+    elsewhere.mkdir()
+
+    def fail(staging):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(ValueError, match="No space left"):
+        write_directory_atomically(str(tmp_path / "store"), fail)
+    assert (tmp_path / "store" / "manifest.json").read_text() == "the previous store"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [elsewhere.name, "store"]
+
+
+def test_ranks_starting_at_once_make_one_cached_store(tmp_path, corpus_path):
+    script = (
+        "from picogpt_lightning.data import TinyShakespeareDataModule\n"
+        f"print(TinyShakespeareDataModule(data_path={str(corpus_path)!r}, tokenizer='bpe', vocab_size=300).vocab_size)\n"
+    )
+    env = {**os.environ, "PICOGPT_CACHE": str(tmp_path / "cache")}
+    ranks = [subprocess.Popen([sys.executable, "-c", script], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [rank.communicate(timeout=300) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0, 0], [err[-500:] for _, err in results]
+    assert [out.strip() for out, _ in results] == ["300"] * 3
+    stores = sorted(path.name for path in (tmp_path / "cache" / "stores").iterdir())
+    assert len(stores) == 2 and stores[1] == stores[0] + ".lock"  # one store, and its lock file

@@ -16,14 +16,14 @@ from picogpt_lightning.lora import LoraSettings
 from picogpt_lightning.tokenizer import Tokenizer
 
 
-def export_gguf(checkpoint_path: str, path: str, gguf_type: str = "f16", overwrite: bool = False) -> PicoGPT:
+def export_gguf(checkpoint_path: str, path: str, gguf_type: str = "f16", overwrite: bool = False) -> tuple:
     """A checkpoint of this project (packed ones dequantized, a LoRA run's folded) -> one GGUF file for llama.cpp."""
     check_output(path, overwrite, inputs=[checkpoint_path])
     checkpoint = checkpoints.load(checkpoint_path)  # a LoRA run's comes back folded
     model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval(), Tokenizer.from_checkpoint(checkpoint)
     with torch.no_grad():
         write_gguf(model, tokenizer, path, gguf_type)
-    return model
+    return model, tokenizer
 
 
 def export_checkpoint(checkpoint_path: str, directory: str, overwrite: bool = False, merge_adapters: bool = False) -> bool:
@@ -79,9 +79,11 @@ def export(
         gguf_type: the GGUF file's matrices: "f32", "f16", "q8_0" or "q4_0" (norms stay f32); packed checkpoints are dequantized first.
     """
     if format == "gguf":
-        model = export_gguf(ckpt, out, gguf_type=gguf_type, overwrite=overwrite)
-        print(f"wrote {out} ({gguf_type}): llama-cli -m {out} -p 'ROMEO:' -n 100 --temp 0, or an Ollama Modelfile "
-              f"with FROM {out} (docs/generation.md)")
+        model, tokenizer = export_gguf(ckpt, out, gguf_type=gguf_type, overwrite=overwrite)
+        # a vocabulary without an end-of-text token ends texts at the newline, which llama.cpp would stop at
+        keep_going = " --ignore-eos" if tokenizer.eos_token_id is None else ""
+        print(f"wrote {out} ({gguf_type}): llama-cli -m {out} -p 'ROMEO:' -n 100 --temp 0{keep_going}, or an Ollama "
+              f"Modelfile with FROM {out} (docs/generation.md)")
         print(f"note: keep llama.cpp's context within {model.config.block_size} tokens (-c {model.config.block_size}); "
               "past it this project slides its window and llama.cpp does not")
         return

@@ -52,6 +52,8 @@ def prepare(
         workers: threads that tokenize (default: every core).
         overwrite: replace an earlier store at out (never anything else).
     """
+    if os.path.lexists(out) and (os.path.islink(out) or not os.path.isdir(out)):
+        raise UserError(f"--out {out} is a file; a store is a directory: choose another --out")
     check_output(out, overwrite, inputs=[source] if isinstance(source, str) else source, directory=True)
     if overwrite and os.path.isdir(out) and any(os.scandir(out)) and not is_store(out):
         raise UserError(f"--out {out} holds files that are not a token store; --overwrite replaces only a store, so "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from picogpt_lightning.atomic import write_directory_atomically
@@ -35,6 +36,13 @@ def cached_store(data_path, tokenizer: str, vocab_size: int | None, val_fraction
     target = root / STORES_DIRECTORY / f"{stem}-{digest[:12]}-{key}{size}-val{val_fraction}"
     if is_store(target):
         return TokenStore(target)
+    with exclusive_lock(target.with_name(target.name + ".lock")):  # every rank asks at once: one of them makes it
+        if not is_store(target):
+            _write_store(path, digest, target, tokenizer, named, vocab_size, val_fraction)
+    return TokenStore(target)
+
+
+def _write_store(path: Path, digest: str, target: Path, tokenizer: str, named, vocab_size, val_fraction: float) -> None:
     text = read_corpus(path)
     cut = split_point(text, val_fraction)
     if tokenizer == "char":  # every symbol of the corpus, 65 for tiny_shakespeare, like nanoGPT
@@ -50,7 +58,20 @@ def cached_store(data_path, tokenizer: str, vocab_size: int | None, val_fraction
         str(target),
         lambda staging: tokenize_into(staging, made, items, end_documents=False, sources=[source], val_fraction=val_fraction),
     )
-    return TokenStore(target)
+
+
+@contextmanager
+def exclusive_lock(path: Path):
+    """An advisory lock on `path` (flock), held by one process at a time, released when the block ends."""
+    import fcntl  # POSIX; the cache is written by this module alone
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as file:  # an empty file that only marks the lock
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
 
 
 def _sha256(text: str) -> str:

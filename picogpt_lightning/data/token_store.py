@@ -51,7 +51,7 @@ class StoreWindows(Dataset):
                 "lower block_size or prepare more text"
             )
         self.num_samples, self.draw = num_samples, draw
-        self.seed_bits = splitmix64(np.array([seed], dtype=np.uint64))[0]
+        self.seed_bits = splitmix64(np.array([seed % (1 << 64)], dtype=np.uint64))[0]  # any int seeds it
 
     def __len__(self) -> int:
         return self.num_samples
