@@ -13,6 +13,9 @@ Four formats hold a PicoGPT, and `load` reads each of them once into a `Checkpoi
   `picogpt_quantization` entry, so loading builds the same packed layers before the weights
   (picogpt_lightning/quant/packing.py packs them the same way both times).
 
+A local Hugging Face model folder of the Llama family is a fifth source (hf_folder.py): config.json,
+safetensors weights and the tokenizer files, read into the same `Checkpoint`.
+
 Files are read with `torch.load(weights_only=True)`: tensors, plain containers and this
 project's own config type only, so a planted pickle cannot run code. Everything else asks
 this module: the model package knows nothing of Lightning's layout.
@@ -28,6 +31,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from picogpt_lightning.atomic import WriteError, sync_directory, write_atomically, write_error  # noqa: F401 (callers write through here)
 from picogpt_lightning.errors import InputNotFound, UserError
+from picogpt_lightning.hf_folder import is_model_folder, read_model_folder
 from picogpt_lightning.lora import LoraSettings, fold
 from picogpt_lightning.model.config import PicoGPTConfig
 from picogpt_lightning.quant.packing import QUANTIZATION_METHODS, build_packed_layers
@@ -63,6 +67,7 @@ class Checkpoint:
     config: Optional[PicoGPTConfig]  # None for a bare state dict
     tokenizer_dict: Optional[dict]  # Tokenizer.to_dict(), when the file has one
     contents: Dict[str, Any] = field(repr=False)  # the whole file, for what a recipe stored beside
+    lent: bool = field(default=False, repr=False)  # its tensors became a model's parameters (load_weights(assign))
 
     @property
     def quantization(self) -> Optional[dict]:
@@ -100,16 +105,26 @@ class Checkpoint:
             check_same_architecture(self.config, config, self.path)
         return config
 
-    def load_weights(self, model: torch.nn.Module, strict: bool = True) -> None:
-        """Loads the weights into `model`; a packed quantized file first swaps its linear layers for packed ones."""
+    def load_weights(self, model: torch.nn.Module, strict: bool = True, assign: bool = False) -> None:
+        """Loads the weights into `model`; a packed quantized file first swaps its linear layers for packed ones.
+        `assign`: the tensors become the parameters (a model built on the meta device), none copied."""
         if not self.state_dict:
             raise CheckpointError(f"{self.path} holds no model weights; pass a checkpoint written by training or PicoGPT.save")
         if self.quantization is not None:
             build_packed_layers(model, self.quantization, self.path)
         try:
-            model.load_state_dict(self.state_dict, strict=strict)
+            model.load_state_dict(self.lend_state_dict() if assign else self.state_dict, strict=strict, assign=assign)
         except RuntimeError as error:
             raise CheckpointError(f"{self.path} does not match the model config: {describe_load_error(error)}") from None
+
+
+    def lend_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The tensors, to become one model's parameters; a second model gets copies, so that
+        training one (a DPO policy) never moves another built from the same file (its reference)."""
+        if self.lent:
+            return {name: tensor.clone() for name, tensor in self.state_dict.items()}
+        self.lent = True
+        return self.state_dict
 
 
 def load(path) -> Checkpoint:
@@ -117,8 +132,19 @@ def load(path) -> Checkpoint:
     if isinstance(path, Checkpoint):
         return path
     path = os.fspath(path)
+    if is_model_folder(path):  # a Hugging Face Llama/Mistral folder
+        config, state_dict, tokenizer_dict = read_model_folder(path)
+        return Checkpoint(path, state_dict, config, tokenizer_dict, {})
+    if os.path.isdir(path):
+        raise InputNotFound(
+            f"{path} is a folder without config.json; pass a checkpoint file of this project or a Hugging Face "
+            "model folder (config.json, model.safetensors, tokenizer files)"
+        )
     if not os.path.isfile(path):
-        raise InputNotFound(f"checkpoint not found: {path}; check the path (runs write them under runs/<name>/version_N/checkpoints/)")
+        raise InputNotFound(
+            f"checkpoint not found: {path}; check the path (runs write them under runs/<name>/version_N/checkpoints/, "
+            "or pass a Hugging Face model folder)"
+        )
     contents = read_file(path)
     if not isinstance(contents, dict):
         raise CheckpointError(f"{path} holds a {type(contents).__name__}, not a checkpoint of this project")
@@ -138,7 +164,7 @@ def load(path) -> Checkpoint:
 def lora_base(path: str, entry: dict) -> "Checkpoint":
     """The base checkpoint a LoRA run's adapters belong to, refused in one line if missing or changed."""
     base_path = entry["base"]
-    if not os.path.isfile(base_path):
+    if not os.path.exists(base_path):
         raise InputNotFound(
             f"{path} holds LoRA adapters only, and their base model {base_path} (the run's init_from) is gone; "
             "put it back, or use a checkpoint exported with --merge_adapters true"
@@ -156,10 +182,17 @@ def fold_adapters(path: str, entry: dict, adapters: dict) -> dict:
 
 
 def file_sha256(path: str) -> str:
+    """The SHA-256 of a checkpoint file, or of a model folder's files (names and contents, in name order)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
+    names = sorted(os.listdir(path)) if os.path.isdir(path) else [""]
+    for name in names:
+        member = os.path.join(path, name) if name else path
+        if not os.path.isfile(member) or name.startswith("."):
+            continue
+        digest.update(name.encode())
+        with open(member, "rb") as file:
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

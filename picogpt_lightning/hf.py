@@ -1,8 +1,6 @@
 """PicoGPT <-> transformers' LlamaForCausalLM, weight for weight.
 
-Written against transformers 5 (setup.cfg pins it): RoPE settings live in the config's
-`rope_parameters`, where transformers 5 also files the `rope_theta` and `rope_scaling` of
-older config.json files, so both are read (and unsupported scalings refused) in one place.
+The configs map onto each other in hf_config.py.
 
 The two models compute the same function: llama's decoder is exactly PicoGPT with
 mlp="swiglu". The only layout difference is attention's fused projection: PicoGPT
@@ -15,82 +13,9 @@ from typing import Dict, Optional
 
 import torch
 
-from picogpt_lightning import checkpoints
-from picogpt_lightning.errors import UserError
+from picogpt_lightning.atomic import write_atomically
+from picogpt_lightning.hf_config import BLOCK_RENAMES, llama_config, picogpt_config  # noqa: F401 (also imported from here)
 from picogpt_lightning.model import PicoGPT, PicoGPTConfig
-
-# PicoGPT name in a block -> llama name in a decoder layer (same shapes)
-BLOCK_RENAMES = {
-    "attn.proj": "self_attn.o_proj",
-    "mlp.gate_proj": "mlp.gate_proj",
-    "mlp.up_proj": "mlp.up_proj",
-    "mlp.down_proj": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "mlp_norm": "post_attention_layernorm",
-}
-
-
-# the fields both configs hold under their own names: PicoGPTConfig's, then LlamaConfig's
-SHARED_FIELDS = (
-    ("vocab_size", "vocab_size"),
-    ("block_size", "max_position_embeddings"),
-    ("n_layer", "num_hidden_layers"),
-    ("n_embd", "hidden_size"),
-    ("n_head", "num_attention_heads"),
-    ("n_query_groups", "num_key_value_heads"),
-    ("intermediate_size", "intermediate_size"),
-    ("norm_eps", "rms_norm_eps"),
-)
-
-
-def llama_config(config: PicoGPTConfig, bos_token_id=None, eos_token_id=None, pad_token_id=None):
-    """The LlamaConfig of the same architecture; refuses what llama cannot express."""
-    from transformers import LlamaConfig
-
-    if config.mlp != "swiglu":
-        raise UserError(
-            f"mlp={config.mlp!r} has no Llama equivalent (llama's MLP is SwiGLU); "
-            "only models trained with mlp='swiglu' can be exported"
-        )
-    if config.linear != "linear":
-        raise UserError(f"linear={config.linear!r} has no Llama equivalent; export a model with linear='linear'")
-    if config.sub_norm:
-        raise UserError("sub_norm=True (SubLN) has no Llama equivalent; export a model trained with sub_norm=False")
-    fields = {llama: getattr(config, pico) for pico, llama in SHARED_FIELDS}
-    return LlamaConfig(
-        **fields,
-        head_dim=config.head_size,
-        hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
-        tie_word_embeddings=config.tie_weights,
-        attention_bias=config.bias,
-        mlp_bias=config.bias,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )
-
-
-def picogpt_config(llama_config) -> PicoGPTConfig:
-    """The PicoGPTConfig of a LlamaConfig; refuses llama variants PicoGPT does not implement."""
-    rope = getattr(llama_config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise UserError(f"rope_type={rope.get('rope_type')!r} is not supported; PicoGPT implements plain RoPE only")
-    if llama_config.hidden_act != "silu":
-        raise UserError(f"hidden_act={llama_config.hidden_act!r} is not supported; PicoGPT's SwiGLU uses silu")
-    head_dim = getattr(llama_config, "head_dim", None) or llama_config.hidden_size // llama_config.num_attention_heads
-    if head_dim * llama_config.num_attention_heads != llama_config.hidden_size:
-        raise UserError("head_dim * num_attention_heads must equal hidden_size for PicoGPT")
-    if llama_config.attention_bias != llama_config.mlp_bias:
-        raise UserError("attention_bias and mlp_bias must agree: PicoGPT has one bias switch")
-    fields = {pico: getattr(llama_config, llama) for pico, llama in SHARED_FIELDS}
-    return PicoGPTConfig(
-        **fields,
-        mlp="swiglu",
-        tie_weights=bool(llama_config.tie_word_embeddings),
-        rope_theta=float(rope.get("rope_theta", 10000.0)),
-        bias=bool(llama_config.attention_bias),
-    )
 
 
 def to_hf(model: PicoGPT, bos_token_id=None, eos_token_id=None, pad_token_id=None):
@@ -175,7 +100,7 @@ def save_pretrained(model: PicoGPT, directory: str, tokenizer: Optional[object] 
     if tokenizer is not None:
         tokenizer.save(directory)
     card = model_card(model.config, tokenizer)
-    checkpoints.write_atomically(os.path.join(directory, "README.md"), lambda file: file.write(card.encode()))
+    write_atomically(os.path.join(directory, "README.md"), lambda file: file.write(card.encode()))
 
 
 def model_card(config: PicoGPTConfig, tokenizer=None) -> str:

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from picogpt_lightning.tokenizer_format import same_tokens
 from picogpt_lightning import checkpoints
 from picogpt_lightning.errors import InputNotFound, UserError
 from picogpt_lightning.modules.data_link import data_tokenizer
@@ -212,7 +213,7 @@ def command_tokenizer(model, datamodule) -> Optional[Tokenizer]:
 
 def tokenizer_difference(stored: Optional[dict], requested: Optional[Tokenizer]) -> List[Difference]:
     """Token ids mean nothing under another tokenizer, even one of the same size (another corpus's characters)."""
-    if stored is None or requested is None or requested.to_dict() == stored:
+    if stored is None or requested is None or same_tokens(requested.to_dict(), stored):
         return []
     before, after = describe(Tokenizer.from_dict(stored)), describe(requested)
     return [("tokenizer", before, f"another {after}" if after == before else after)]

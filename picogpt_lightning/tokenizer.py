@@ -19,22 +19,34 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from picogpt_lightning import checkpoints
 from picogpt_lightning.errors import InputNotFound, UserError, first_line
+from picogpt_lightning.tokenizer_format import DEFAULT_CHAT_TEMPLATE, load_pretrained, tokenizer_dict
 
 EOS_TOKEN = "<|endoftext|>"
 MIN_BPE_VOCAB_SIZE = 256 + 1  # every byte, plus EOS_TOKEN
 _KIND_KEY = "picogpt_kind"  # saved in tokenizer_config.json so load() knows the kind again
+OWN_KINDS = ("char", "bpe")  # built here, with DEFAULT_CHAT_TEMPLATE
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 class Tokenizer:
     """Text <-> token ids, whatever the kind; ``hf`` is the underlying transformers tokenizer."""
 
-    def __init__(self, kind: str, hf=None, backend: BackendTokenizer | None = None, special_tokens: dict | None = None):
+    def __init__(
+        self, kind: str, hf=None, backend: BackendTokenizer | None = None, special_tokens: dict | None = None,
+        chat_template: str | None = None,
+    ):
         """From a transformers ``PreTrainedTokenizerFast`` (`hf`), or from its Rust `backend` and
-        `special_tokens` ({"eos_token": "...", ...}), the transformers object then made when first used."""
+        `special_tokens` ({"eos_token": "...", ...}), the transformers object then made when first used.
+        `chat_template`: a Jinja chat template (default: `hf`'s own, or DEFAULT_CHAT_TEMPLATE for char and bpe)."""
         self.kind = kind
         self._hf = hf
         self.backend = hf.backend_tokenizer if hf is not None else backend
         self._special_tokens = dict(special_tokens or {})
+        if chat_template is None and hf is not None and isinstance(hf.chat_template, str):
+            chat_template = hf.chat_template
+        self.chat_template = chat_template or (DEFAULT_CHAT_TEMPLATE if kind in OWN_KINDS else None)
+        if hf is not None:
+            hf.chat_template = self.chat_template
         # encode() calls the Rust backend directly; like transformers does on each call that asks for
         # neither, turn off any truncation or padding a tokenizer.json may carry.
         self.backend.no_truncation()
@@ -45,6 +57,7 @@ class Tokenizer:
         """The transformers tokenizer (a ``PreTrainedTokenizerFast``)."""
         if self._hf is None:
             self._hf = _wrap(self.backend, **self._special_tokens)
+            self._hf.chat_template = self.chat_template
         return self._hf
 
     def _special_token_id(self, name: str) -> int | None:
@@ -90,19 +103,19 @@ class Tokenizer:
             if getattr(hf, name) is None:
                 setattr(hf, name, fallback)
         hf.padding_side = hf.init_kwargs["padding_side"] = "left"  # init_kwargs: what save_pretrained writes
-        return Tokenizer(self.kind, hf)
+        return Tokenizer(self.kind, hf, chat_template=self.chat_template)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, with no special tokens added."""
-        return self.encode_batch([text])[0]
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; add_special_tokens adds what the tokenizer adds to a text (a Llama's BOS)."""
+        return self.encode_batch([text], add_special_tokens)[0]
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
         """``encode`` for many texts at once (the backend encodes them in parallel)."""
         # Plain ids need none of transformers' bookkeeping, which would double the time on a corpus,
         # nor the character offsets that `encode_batch_fast` (tokenizers >= 0.20.1) skips.
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         try:
-            encodings = encode(list(texts), add_special_tokens=False)
+            encodings = encode(list(texts), add_special_tokens=add_special_tokens)
         except Exception as err:  # the Rust backend rejects unknown symbols without naming them
             raise self._encoding_error(texts, err) from err
         return [encoding.ids for encoding in encodings]
@@ -116,13 +129,28 @@ class Tokenizer:
         # what transformers' decode does with these flags, without its bookkeeping
         return self.backend.decode(ids, skip_special_tokens=False)
 
+    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
+        """The conversation as text, through the chat template (transformers' apply_chat_template)."""
+        check_messages(messages)
+        if not self.chat_template:
+            raise UserError(
+                f"the {self.kind!r} tokenizer has no chat template; give the model a tokenizer with one "
+                "(tokenizer_config.json chat_template) or send plain prompts"
+            )
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def chat_prompt(self, messages: list) -> str:
+        """The conversation rendered for the assistant's reply, as a prompt `encode(..., add_special_tokens=True)`
+        turns into the template's own tokens: a BOS the template writes and the tokenizer adds is left out here."""
+        text = self.apply_chat_template(messages, add_generation_prompt=True)
+        bos = self.hf.bos_token
+        adds_bos = self.bos_token_id is not None and self.encode("a", add_special_tokens=True)[:1] == [self.bos_token_id]
+        return text[len(bos):] if adds_bos and bos and text.startswith(bos) else text
+
     def to_dict(self) -> dict:
         """A JSON-able description that ``from_dict`` turns back into an identical tokenizer."""
-        return {
-            "kind": self.kind,
-            "tokenizer_json": self.backend.to_str(),
-            "special_tokens": dict(self._hf.special_tokens_map) if self._hf is not None else dict(self._special_tokens),
-        }
+        special = dict(self._hf.special_tokens_map) if self._hf is not None else dict(self._special_tokens)
+        return tokenizer_dict(self.kind, self.backend.to_str(), special, self.chat_template)
 
     @classmethod
     def from_dict(cls, d: dict) -> Tokenizer:
@@ -131,18 +159,20 @@ class Tokenizer:
         missing = [key for key in ("kind", "tokenizer_json", "special_tokens") if key not in d]
         if missing:
             raise UserError(f"tokenizer dict lacks {missing}; pass a dict made by Tokenizer.to_dict()")
-        return cls(d["kind"], backend=BackendTokenizer.from_str(d["tokenizer_json"]), special_tokens=d["special_tokens"])
+        backend = BackendTokenizer.from_str(d["tokenizer_json"])
+        return cls(d["kind"], backend=backend, special_tokens=d["special_tokens"], chat_template=d.get("chat_template"))
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write Hugging Face files, so ``AutoTokenizer.from_pretrained(directory)`` loads them too."""
         self.hf.init_kwargs[_KIND_KEY] = self.kind
+        self.hf.chat_template = self.chat_template  # written beside it (chat_template.jinja)
         self.hf.save_pretrained(str(directory))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
         if not Path(directory).is_dir():
             raise InputNotFound(f"tokenizer directory {directory} does not exist; pass one written by save()")
-        hf = _load_pretrained(str(directory))
+        hf = load_pretrained(str(directory))
         return cls(hf.init_kwargs.get(_KIND_KEY, str(directory)), hf)
 
     @classmethod
@@ -178,7 +208,7 @@ def load_tokenizer(name: str) -> Tokenizer:
     """The tokenizer of a checkpoint of this project (e.g. a teacher's), or of a Hugging Face folder or hub id."""
     if name.endswith(".ckpt"):
         return Tokenizer.from_checkpoint(name)
-    return Tokenizer(name, _load_pretrained(name))
+    return Tokenizer(name, load_pretrained(name))
 
 
 def char_tokenizer(symbols: set[str], end_of_text: bool = False) -> Tokenizer:
@@ -228,23 +258,6 @@ def train_bpe(texts, vocab_size: int | None) -> Tokenizer:
     return Tokenizer("bpe", _wrap(backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN))
 
 
-def _load_pretrained(name: str):
-    from transformers import AutoTokenizer
-
-    try:
-        hf = AutoTokenizer.from_pretrained(name)
-    except Exception as err:
-        raise UserError(
-            f"cannot load tokenizer {name!r} ({first_line(err)}); use 'char', 'bpe', a local tokenizer "
-            "directory, or a Hugging Face hub id while online"
-        ) from err
-    if not hasattr(hf, "backend_tokenizer"):
-        raise UserError(f"tokenizer {name!r} has no fast (Rust) version; pick a tokenizer with a tokenizer.json")
-    if hf.pad_token is None and hf.eos_token is not None:
-        hf.pad_token = hf.eos_token  # batches need a pad id; padded positions are masked out anyway
-    return hf
-
-
 def _wrap(backend: BackendTokenizer, **special_tokens):
     from transformers import PreTrainedTokenizerFast
 
@@ -256,3 +269,14 @@ def _require_text(text: str | None, kind: str) -> str:
     if not isinstance(text, str) or not text:
         raise UserError(f"the {kind!r} tokenizer is built from text; pass a non-empty text=...")
     return text
+
+
+def check_messages(messages) -> None:
+    """A conversation as OpenAI and trl write it: a non-empty list of {"role", "content"} with text content."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError("messages must be a non-empty list of {\"role\": ..., \"content\": ...} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            raise UserError(f"messages[{i}] needs a role among {list(CHAT_ROLES)}, got {message!r:.80}")
+        if not isinstance(message.get("content"), str):
+            raise UserError(f"messages[{i}].content must be text, got {type(message.get('content')).__name__}")

@@ -100,7 +100,7 @@ def test_unsupported_llama_variants_are_refused():
 
     scaled = LlamaConfig(
         vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0},
     )
     with pytest.raises(ValueError, match="rope_type"):
         from_hf(LlamaForCausalLM(scaled))
@@ -123,7 +123,10 @@ def test_legacy_rope_keys_of_a_saved_config_are_honoured_or_refused(tmp_path):
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 8192}
     (tmp_path / "config.json").write_text(json.dumps({**base, "rope_scaling": llama3}))
-    with pytest.raises(ValueError, match="rope_type='llama3' is not supported"):
+    assert picogpt_config(AutoConfig.from_pretrained(tmp_path)).rope_scaling == llama3
+    dynamic = {"rope_type": "dynamic", "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps({**base, "rope_scaling": dynamic}))
+    with pytest.raises(ValueError, match="rope_type 'dynamic' is not supported"):
         picogpt_config(AutoConfig.from_pretrained(tmp_path))
 
 

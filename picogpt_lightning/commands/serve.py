@@ -1,4 +1,5 @@
-"""`python -m picogpt_lightning serve`: a checkpoint behind OpenAI's `/v1/completions`, through LitServe.
+"""`python -m picogpt_lightning serve`: a checkpoint behind OpenAI's `/v1/completions` and `/v1/chat/completions`,
+through LitServe.
 
 LitServe runs the pieces: an API server process (FastAPI + uvicorn) that validates each
 request (serve_api.py) and queues it, and an inference worker process that loads the
@@ -34,10 +35,12 @@ def serve(
     model_name: Optional[str] = None,
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info",
 ) -> None:
-    """Serve a checkpoint over HTTP with OpenAI's completions API (POST /v1/completions), through LitServe.
+    """Serve a checkpoint over HTTP with OpenAI's completions and chat APIs (POST /v1/completions and
+    /v1/chat/completions, the conversation rendered by the tokenizer's chat template), through LitServe.
 
     Args:
-        ckpt: a checkpoint written by training (it holds the model config and the tokenizer).
+        ckpt: a checkpoint written by training (it holds the model config and the tokenizer), or a Hugging Face
+            Llama-family model folder.
         host: the interface to listen on: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface).
         port: the TCP port, 1024 to 65535.
         device: "cpu", "cuda" or any torch device to decode on.
@@ -56,11 +59,11 @@ def serve(
     from picogpt_lightning.commands.serve_worker import CompletionsAPI, load_model
 
     torch_device = check_flags(ckpt, host, port, device, max_batch_size, batch_timeout, queue_timeout)
-    load_model(ckpt, "cpu")  # a bad checkpoint gets its one-line error here, not a worker's traceback
+    _, tokenizer = load_model(ckpt, "cpu")  # a bad checkpoint gets its one-line error here, not a worker's traceback
     compile = torch_device.type == "cuda" if compile is None else compile
     name = model_name or Path(ckpt).name
     api = CompletionsAPI(
-        ckpt, str(torch_device), compile, spec=CompletionsSpec(name), max_batch_size=max_batch_size,
+        ckpt, str(torch_device), compile, spec=CompletionsSpec(name, tokenizer.to_dict()), max_batch_size=max_batch_size,
         batch_timeout=batch_timeout,
     )
     server = ls.LitServer(
@@ -79,8 +82,8 @@ def serve(
 
 def check_flags(ckpt, host, port, device, max_batch_size, batch_timeout, queue_timeout):
     """The torch device to decode on, once every flag is one LitServe accepts (its own errors are tracebacks)."""
-    if not os.path.isfile(ckpt):
-        raise InputNotFound(f"--ckpt {ckpt}: no such file; pass a checkpoint written by training")
+    if not os.path.exists(ckpt):
+        raise InputNotFound(f"--ckpt {ckpt}: no such file; pass a checkpoint written by training or a Hugging Face model folder")
     if host not in HOSTS:
         raise UserError(f"--host {host!r}: LitServe listens on one of {', '.join(HOSTS)}; use 127.0.0.1 for this machine only")
     if not isinstance(port, int) or not 1024 <= port <= 65535:

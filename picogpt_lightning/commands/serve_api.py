@@ -1,4 +1,5 @@
-"""The HTTP side of `serve`: OpenAI's legacy `/v1/completions` as a LitServe spec.
+"""The HTTP side of `serve`: OpenAI's legacy `/v1/completions` as a LitServe spec, and
+`/v1/chat/completions` on the same path (serve_chat.py renders the conversation into a prompt).
 
 LitServe's own `OpenAISpec` speaks only `/v1/chat/completions`; this spec is built the
 same way (a `LitSpec` that registers its endpoint, puts each request on LitServe's queue
@@ -14,87 +15,18 @@ import pickle
 import time
 import uuid
 from collections import deque
-from typing import List, Optional, Union
+from typing import Optional
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
-MAX_BODY_BYTES = 1 << 20  # 1 MiB: a prompt far longer than any block_size here, far short of a memory problem
-MAX_TOKENS_LIMIT = 4096
-MAX_CHOICES = 64  # prompts x n: the rows one request may add to a batch
-UNSUPPORTED = {  # OpenAI parameters this server knows but does not implement: refused unless left at their no-op value
-    "suffix": None, "logprobs": None, "best_of": None, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0,
-}
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool = False
-
-
-class CompletionRequest(BaseModel):
-    """OpenAI's completion request, plus generate's own sampling parameters (top_k, repetition_penalty)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    model: Optional[str] = None  # any name is accepted; the response names the served checkpoint
-    prompt: Union[str, List[str]]
-    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0: greedy, as in OpenAI's API
-    top_p: float = Field(1.0, ge=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # 0: no top-k
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    stop: Optional[Union[str, List[str]]] = None
-    seed: Optional[int] = None
-    echo: bool = False
-    user: Optional[str] = None  # accepted and ignored, as a single-user server may
-    suffix: Optional[str] = None
-    logprobs: Optional[int] = None
-    best_of: Optional[int] = None
-    logit_bias: Optional[dict] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-
-    @field_validator("prompt")
-    @classmethod
-    def prompts_not_empty(cls, prompt):
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not prompts or any(text == "" for text in prompts):
-            raise ValueError("must be a non-empty string (or a list of them): give at least one character to continue")
-        return prompt
-
-    @field_validator("stop")
-    @classmethod
-    def stops_are_few_and_not_empty(cls, stop):
-        stops = [stop] if isinstance(stop, str) else (stop or [])
-        if len(stops) > 4 or any(text == "" for text in stops):
-            raise ValueError("must be up to 4 non-empty strings")
-        return stop
-
-    @field_validator(*UNSUPPORTED)
-    @classmethod
-    def only_implemented_options(cls, value, info: ValidationInfo):
-        if value not in (None, UNSUPPORTED[info.field_name]):
-            raise ValueError("is not supported by this server; leave it out")
-        return value
-
-    @model_validator(mode="after")
-    def few_enough_choices(self):
-        if len(self.prompts) * self.n > MAX_CHOICES:
-            raise ValueError(f"prompts x n = {len(self.prompts) * self.n} exceeds {MAX_CHOICES}; send fewer at once")
-        return self
-
-    @property
-    def prompts(self) -> List[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-
+from picogpt_lightning.commands.serve_requests import (  # noqa: F401 (MAX_BODY_BYTES: serve.py reads it here)
+    MAX_BODY_BYTES, ChatRequest, CompletionRequest, as_completion,
+)
 
 def error_body(message: str, param: Optional[str] = None, kind: str = "invalid_request_error", code=None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -108,7 +40,8 @@ async def invalid_request(request: Request, error: RequestValidationError) -> JS
     if first.get("type") == "json_invalid":
         message, param = f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
     elif first.get("type") == "extra_forbidden":
-        known = ", ".join(sorted(CompletionRequest.model_fields))
+        fields = ChatRequest.model_fields if request.url.path.endswith("/chat/completions") else CompletionRequest.model_fields
+        known = ", ".join(sorted(fields))
         message = f"unknown parameter {param!r}; the parameters are: {known}"
     elif not location:
         message = f"the body must be a JSON object of completion parameters: {first.get('msg').removeprefix('Value error, ')}"
@@ -133,11 +66,13 @@ class CompletionsSpec(LitSpec):
     is awaited before answering, so a request the worker refuses still gets a 400.
     """
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, tokenizer_dict: Optional[dict] = None):
         super().__init__()
         self.api_path = "/v1/completions"
         self.model_name = model_name
+        self.tokenizer_dict, self._tokenizer = tokenizer_dict, None  # the chat template's, built on first use
         self.add_endpoint(self.api_path, self.completions, ["POST"])
+        self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
 
     @property
     def stream(self):
@@ -150,16 +85,37 @@ class CompletionsSpec(LitSpec):
         return output
 
     async def completions(self, request: CompletionRequest):
+        return await self.answer(request, chat=False)
+
+    async def chat_completions(self, request: ChatRequest):
+        try:
+            completion = as_completion(request, self.tokenizer)
+        except ValueError as error:  # a conversation the template refuses, or a prompt out of bounds
+            return JSONResponse(error_body(str(error).splitlines()[0], "messages"), status_code=400)
+        return await self.answer(completion, chat=True)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from picogpt_lightning.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_dict(self.tokenizer_dict)
+        return self._tokenizer
+
+    async def answer(self, request: CompletionRequest, chat: bool):
         uid = uuid.uuid4().hex
         messages = self.worker_messages(uid, request)
         first = await anext(messages)
         if "error" in first:
             await messages.aclose()
             return JSONResponse(first, status_code=first["error"].pop("status", 400))
-        header = {"id": f"cmpl-{uid}", "object": "text_completion", "created": int(time.time()), "model": self.model_name}
+        kind = ("chat.completion.chunk" if request.stream else "chat.completion") if chat else "text_completion"
+        header = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uid}", "object": kind, "created": int(time.time()),
+                  "model": self.model_name}
         if request.stream:
-            return StreamingResponse(self.events(request, header, first, messages), media_type="text/event-stream")
-        body = await self.collect(request, header, first, messages)
+            events = self.events(request, header, first, messages, chat)
+            return StreamingResponse(events, media_type="text/event-stream")
+        body = await self.collect(request, header, first, messages, chat)
         return JSONResponse(body, status_code=body["error"].pop("status", 500) if "error" in body else 200)
 
     async def worker_messages(self, uid: str, request: CompletionRequest):
@@ -182,16 +138,18 @@ class CompletionsSpec(LitSpec):
         finally:
             self.response_buffer.pop(uid, None)  # later steps of the batch for this request are dropped
 
-    async def events(self, request: CompletionRequest, header: dict, first: dict, messages):
+    async def events(self, request: CompletionRequest, header: dict, first: dict, messages, chat: bool = False):
         """Server-sent events in OpenAI's format: text chunks, the optional usage chunk, `data: [DONE]`."""
-        message = first
+        message, started = first, set()  # a chat stream's first delta of each choice names the role
         while True:
             if "error" in message:  # the worker broke mid-stream: the status line has gone, so the event says it
                 message["error"].pop("status", None)
                 yield f"data: {json.dumps(message)}\n\n"
                 return
             if message["choices"]:
-                yield f"data: {json.dumps({**header, 'choices': [choice(*row) for row in message['choices']]})}\n\n"
+                choices = [chat_delta(*row, row[0] not in started) if chat else choice(*row) for row in message["choices"]]
+                started.update(row[0] for row in message["choices"])
+                yield f"data: {json.dumps({**header, 'choices': choices})}\n\n"
             if "usage" in message:
                 break
             message = await anext(messages)
@@ -199,7 +157,7 @@ class CompletionsSpec(LitSpec):
             yield f"data: {json.dumps({**header, 'choices': [], 'usage': message['usage']})}\n\n"
         yield "data: [DONE]\n\n"
 
-    async def collect(self, request: CompletionRequest, header: dict, first: dict, messages) -> dict:
+    async def collect(self, request: CompletionRequest, header: dict, first: dict, messages, chat: bool = False) -> dict:
         texts, reasons = {}, {}
         message = first
         while True:
@@ -211,12 +169,23 @@ class CompletionsSpec(LitSpec):
             if "usage" in message:
                 break
             message = await anext(messages)
-        choices = [choice(index, texts[index], reasons[index]) for index in sorted(texts)]
+        shape = chat_choice if chat else choice
+        choices = [shape(index, texts[index], reasons[index]) for index in sorted(texts)]
         return {**header, "choices": choices, "usage": message["usage"]}
 
 
 def choice(index: int, text: str, finish_reason: Optional[str]) -> dict:
     return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+
+
+def chat_choice(index: int, text: str, finish_reason: Optional[str]) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "finish_reason": finish_reason}
+
+
+def chat_delta(index: int, text: str, finish_reason: Optional[str], first: bool) -> dict:
+    delta = {"role": "assistant", "content": text} if first else {"content": text}
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
 def worker_failure(data) -> dict:

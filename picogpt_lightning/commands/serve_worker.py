@@ -102,7 +102,7 @@ class Job:
         ]
         job = cls(rows, settings, request["seed"] if not greedy else None, 0)
         try:  # a prompt the tokenizer cannot encode is this request's error, not its batch's
-            job.prompt_tokens = sum(len(tokenizer.encode(prompt)) for prompt in prompts)
+            job.prompt_tokens = sum(len(tokenizer.encode(prompt, add_special_tokens=True)) for prompt in prompts)
         except UserError as error:
             job.error = first_line(error)
         return job
@@ -260,7 +260,7 @@ class CompletionsAPI(ls.LitAPI):
         if not self.compile:
             return prompts, max_tokens
         rows = prompts + prompts[-1:] * ((1 << (len(prompts) - 1).bit_length()) - len(prompts))
-        prompt_length = max(len(self.tokenizer.encode(prompt)) for prompt in prompts)
+        prompt_length = max(len(self.tokenizer.encode(prompt, add_special_tokens=True)) for prompt in prompts)
         rounded = -(-(prompt_length + max_tokens) // 32) * 32 - prompt_length
         fits = prompt_length + rounded <= self.model.config.block_size
         return rows, rounded if fits else max_tokens

@@ -84,6 +84,7 @@ class StoreWriter:
                 "vocab_size": self.tokenizer.vocab_size,
                 "special_tokens": described["special_tokens"],
                 "eos_token_id": self.tokenizer.eos_token_id,
+                "chat_template": described["chat_template"],
                 "sha256": tokenizer_digest(described["tokenizer_json"], described["special_tokens"]),
             },
             **extra,
@@ -139,7 +140,8 @@ class TokenStore:
     def tokenizer(self) -> Tokenizer:
         entry = self.manifest["tokenizer"]
         return Tokenizer.from_dict(
-            {"kind": entry["kind"], "tokenizer_json": self._tokenizer_json, "special_tokens": entry["special_tokens"]}
+            {"kind": entry["kind"], "tokenizer_json": self._tokenizer_json, "special_tokens": entry["special_tokens"],
+             "chat_template": entry.get("chat_template")}
         )
 
     @property

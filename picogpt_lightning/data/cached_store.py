@@ -19,16 +19,20 @@ from picogpt_lightning.corpus import TokenStore, is_store, tokenize_into
 from picogpt_lightning.corpus.sections import sections
 from picogpt_lightning.data.source import default_cache_dir, find_corpus, read_corpus
 from picogpt_lightning.data.splits import split_point
-from picogpt_lightning.tokenizer import build_tokenizer
+from picogpt_lightning.tokenizer import Tokenizer, build_tokenizer
 
 STORES_DIRECTORY = "stores"
 
 
-def cached_store(data_path, tokenizer: str, vocab_size: int | None, val_fraction: float, cache_dir=None) -> TokenStore:
-    """The corpus's store in the cache, made on first use (atomically: concurrent ranks never see a part of one)."""
+def cached_store(data_path, tokenizer, vocab_size: int | None, val_fraction: float, cache_dir=None) -> TokenStore:
+    """The corpus's store in the cache, made on first use (atomically: concurrent ranks never see a part of one).
+    `tokenizer`: "char", "bpe", a folder, hub id or checkpoint, or a Tokenizer (a model's own)."""
     path = find_corpus(data_path, cache_dir=cache_dir)
     digest = _md5(path)
-    named = None if tokenizer in ("char", "bpe") else build_tokenizer(tokenizer)  # a folder, hub id or checkpoint
+    if isinstance(tokenizer, Tokenizer):
+        named = tokenizer
+    else:
+        named = None if tokenizer in ("char", "bpe") else build_tokenizer(tokenizer)  # a folder, hub id or checkpoint
     key = tokenizer if named is None else "tokenizer-" + _sha256(json.dumps(named.to_dict(), sort_keys=True))[:12]
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)

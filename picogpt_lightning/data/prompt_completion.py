@@ -1,7 +1,9 @@
 """Prompt/completion data through Hugging Face `datasets`: preference pairs for DPO, instructions for SFT.
 
 Columns follow trl: `prompt`, `chosen`, `rejected` (PreferenceDataModule) and `prompt`,
-`completion` (InstructionDataModule). Data comes from a JSONL file or any `datasets`
+`completion` or `messages` (InstructionDataModule), as text or as conversations (lists of
+{role, content} messages) rendered through the tokenizer's chat template (data/conversations.py).
+Every completion ends with the tokenizer's EOS, so the model learns to stop. Data comes from a JSONL file or any `datasets`
 path/hub id; with none given, pairs are derived from tiny_shakespeare so the recipes run
 offline (data/pairs.py). Texts are tokenized once with `Dataset.map` (cached beside a file's
 Arrow cache) and padded per batch by PromptCompletionCollator: labels are pre-shifted and -100
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from picogpt_lightning.data.base import PicoGPTDataModule, require_loader_options, require_positive_int
 from picogpt_lightning.data.collate import INDEX_COLUMN, PromptCompletionCollator
+from picogpt_lightning.data.conversations import MESSAGES
 from picogpt_lightning.data.jsonl import check_jsonl
 from picogpt_lightning.data.pairs import shakespeare_pairs
 from picogpt_lightning.data.source import read_corpus
@@ -231,10 +234,10 @@ class PromptCompletionDataModule(PicoGPTDataModule):
         """A `datasets.Dataset` of the required columns from a JSONL file or a `datasets` path / hub id."""
         import datasets
 
-        required = ("prompt",) + self.completion_columns
+        formats = self.formats()
         is_jsonl = path.endswith((".jsonl", ".json"))
         if is_jsonl:
-            check_jsonl(path, required)
+            check_jsonl(path, formats)
         try:
             if is_jsonl:
                 data = datasets.load_dataset("json", data_files=path, split="train", cache_dir=self.hparams.cache_dir)
@@ -243,12 +246,17 @@ class PromptCompletionDataModule(PicoGPTDataModule):
         except Exception as error:  # noqa: BLE001 - datasets raises many kinds for "cannot read this"
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise UserError(f"cannot load data {path!r} ({reason}); pass a JSONL file or a `datasets` path / hub id") from None
-        missing = [column for column in required if column not in data.column_names]
-        if missing:
+        if not any(set(columns) <= set(data.column_names) for columns in formats):
             raise UserError(
-                f"{path} lacks column(s) {missing}; each example needs {list(required)} (it has {data.column_names})"
+                f"{path} lacks the columns of an example: it needs {' or '.join(map(str, map(list, formats)))} "
+                f"(it has {data.column_names})"
             )
         return data
+
+    @classmethod
+    def formats(cls) -> list[tuple[str, ...]]:
+        """The column sets an example may have, as trl names them (each text, or message lists)."""
+        return [("prompt",) + cls.completion_columns]
 
     def _corpus(self) -> str:
         if self._text is None:  # read once, though the tokenizer and both splits use it
@@ -292,6 +300,10 @@ class InstructionDataModule(PromptCompletionDataModule):
     true continuation (the chosen side of the derived preference pairs)."""
 
     completion_columns = ("completion",)
+
+    @classmethod
+    def formats(cls) -> list[tuple[str, ...]]:
+        return [("prompt", "completion"), (MESSAGES,)]
 
     @staticmethod
     def from_pairs(pairs: list[dict]) -> list[dict]:

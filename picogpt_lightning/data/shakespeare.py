@@ -98,9 +98,9 @@ class TinyShakespeareDataModule(PicoGPTDataModule):
     def __init__(
         self,
         data_path: str | None = None,
-        tokenizer: str = "char",
+        tokenizer: str | None = "char",
         vocab_size: int | None = None,
-        block_size: int = 256,
+        block_size: int | None = 256,
         batch_size: int = 64,
         mode: str = "blocks",
         train_samples: int | None = None,
@@ -115,13 +115,14 @@ class TinyShakespeareDataModule(PicoGPTDataModule):
         super().__init__()
         if mode not in MODES:
             raise UserError(f"mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(tokenizer, str) or not tokenizer:
-            raise UserError(f"tokenizer must be 'char', 'bpe' or a Hugging Face path/id, got {tokenizer!r}")
+        if tokenizer is not None and (not isinstance(tokenizer, str) or not tokenizer):
+            raise UserError(f"tokenizer must be 'char', 'bpe', a checkpoint or a Hugging Face path/id, or None "
+                            f"(the model's), got {tokenizer!r}")
         if tokenizer == "bpe" and vocab_size is None:
             raise UserError("tokenizer='bpe' needs vocab_size (e.g. vocab_size=512) to train to")
         if tokenizer != "bpe" and vocab_size is not None:
             raise UserError(f"vocab_size applies only to tokenizer='bpe'; the {tokenizer!r} vocabulary is fixed")
-        require_positive_int("block_size", block_size)
+        require_positive_int("block_size", block_size, optional=True)
         for name, value in [("train_samples", train_samples), ("val_samples", val_samples),
                             ("pad_to_multiple_of", pad_to_multiple_of)]:
             require_positive_int(name, value, optional=True)
@@ -130,6 +131,9 @@ class TinyShakespeareDataModule(PicoGPTDataModule):
 
         self._text: str | None = None
         self._store: TokenStore | None = None
+        self._model_tokenizer: Tokenizer | None = None  # tokenizer=None: the trained model's (connect_model)
+        self._model_block_size: int | None = None
+        self._stage: str | None = None
         self.train_dataset: TokenWindows | TokenSequences | None = None
         self.val_dataset: TokenWindows | TokenSequences | None = None
 
@@ -149,7 +153,13 @@ class TinyShakespeareDataModule(PicoGPTDataModule):
         """The corpus tokenized once into the cache (data/cached_store.py), opened on first use."""
         if self._store is None:
             hparams = self.hparams
-            self._store = cached_store(hparams.data_path, hparams.tokenizer, hparams.vocab_size, hparams.val_fraction,
+            tokenizer = hparams.tokenizer or self._model_tokenizer
+            if tokenizer is None:
+                raise UserError(
+                    "data tokenizer is None (the model's) but the model has none yet: start it from a checkpoint "
+                    "(model init_from), or set data tokenizer to 'char', 'bpe' or a tokenizer path"
+                )
+            self._store = cached_store(hparams.data_path, tokenizer, hparams.vocab_size, hparams.val_fraction,
                                        cache_dir=hparams.cache_dir)
         return self._store
 
@@ -160,19 +170,38 @@ class TinyShakespeareDataModule(PicoGPTDataModule):
 
     @property
     def vocab_size(self) -> int:
+        """The tokenizer's size. Absent while a tokenizer to come from the model is not handed over yet, so the
+        command line's link from it to the model's vocab_size leaves the model's own (init_from's) alone."""
+        if self.hparams.tokenizer is None and self._model_tokenizer is None:
+            raise AttributeError("vocab_size: the tokenizer comes from the model (tokenizer=None)")
         return self.tokenizer.vocab_size
+
+    @property
+    def block_size(self) -> int:
+        """Tokens a sample's model input holds: the one given, else the model's."""
+        block_size = self.hparams.block_size or self._model_block_size
+        if block_size is None:
+            raise UserError("data block_size is None (the model's) but no model handed one over; set data block_size")
+        return block_size
 
     @property
     def pad_token_id(self) -> int | None:
         return self.tokenizer.pad_token_id
 
     def connect_model(self, tokenizer: Tokenizer | None, block_size: int | None) -> None:
-        check_block_size(self.hparams.block_size, block_size)
+        self._model_tokenizer, self._model_block_size = tokenizer, block_size
+        if self.hparams.block_size is not None:
+            check_block_size(self.hparams.block_size, block_size)
+        self.setup(self._stage)  # what waited for the model is built now
 
     def prepare_data(self) -> None:
-        self.store  # download and tokenize once, on one process per node
+        if self.hparams.tokenizer is not None:
+            self.store  # download and tokenize once, on one process per node
 
     def setup(self, stage: str | None = None) -> None:
+        self._stage = stage
+        if self.hparams.tokenizer is None and self._model_tokenizer is None:
+            return  # built once the model hands its tokenizer over (connect_model)
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset = self._build_dataset("train")
         if stage in (None, "fit", "validate", "test") and self.val_dataset is None:
@@ -201,7 +230,7 @@ class TinyShakespeareDataModule(PicoGPTDataModule):
 
     def _windows(self, split: str) -> TokenWindows:
         tokens = self.store.tokens(split)
-        block_size = self.hparams.block_size
+        block_size = self.block_size
         if split == "train":
             num_samples = self.hparams.train_samples or max(1, len(tokens) // block_size)
             seed = self.hparams.seed
@@ -216,7 +245,7 @@ class TinyShakespeareDataModule(PicoGPTDataModule):
         # A turn belongs to the split its first character is in.
         spans = [s for s in spans if s[0] < cut] if split == "train" else [s for s in spans if s[0] >= cut]
         encoded = self.tokenizer.encode_batch([self.text[start:end] for start, end in spans])
-        limit = self.hparams.block_size + 1
+        limit = self.block_size + 1
         sequences = [torch.tensor(ids[:limit], dtype=torch.long) for ids in encoded if len(ids) >= 2]
         dataset = TokenSequences(sequences)
         if len(dataset) == 0:
@@ -226,4 +255,4 @@ class TinyShakespeareDataModule(PicoGPTDataModule):
     def collator(self) -> PadCollator:
         # blocks-mode windows all have block_size tokens; only speeches are bucketed
         multiple = self.hparams.pad_to_multiple_of if self.hparams.mode == "speeches" else None
-        return PadCollator(self.pad_token_id, pad_to_multiple_of=multiple, max_length=self.hparams.block_size)
+        return PadCollator(self.pad_token_id, pad_to_multiple_of=multiple, max_length=self.block_size)

@@ -11,10 +11,11 @@ from picogpt_lightning.errors import UserError
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], device=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Token ids of the prompts, left-padded to one length, and the mask marking real tokens."""
+    """Token ids of the prompts (with the BOS a Llama's tokenizer adds), left-padded to one length, and the
+    mask marking real tokens."""
     encoded = []
     for number, prompt in enumerate(prompts, start=1):
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
         if not ids:
             raise UserError(f"prompt {number} is empty; give at least one character to continue from")
         encoded.append(ids)
@@ -37,6 +38,8 @@ def decode_outputs(tokenizer, outputs: torch.Tensor, attention_mask: torch.Tenso
     for row, ids in enumerate(outputs.tolist()):
         prompt_mask = attention_mask[row // copies].tolist()
         prompt = [token for token, keep in zip(ids[:prompt_len], prompt_mask) if keep]
+        if prompt[:1] == [tokenizer.bos_token_id] and len(prompt) > 1:  # the BOS encoding added: not the user's text
+            prompt = prompt[1:]
         continuation = ids[prompt_len:]
         if eos_token_id is not None and eos_token_id in continuation:
             continuation = continuation[: continuation.index(eos_token_id)]

@@ -8,6 +8,7 @@ from torch import nn
 
 from picogpt_lightning.model.config import PicoGPTConfig
 from picogpt_lightning.model.layers import make_dropout, make_linear, make_sub_norm
+from picogpt_lightning.model.rope import inverse_frequencies
 
 
 class RotaryEmbedding(nn.Module):
@@ -18,14 +19,14 @@ class RotaryEmbedding(nn.Module):
     two numbers, they stay exact whatever the module's dtype; it is a few dozen values.
     """
 
-    def __init__(self, head_size: int, theta: float):
+    def __init__(self, head_size: int, theta: float, scaling: Optional[dict] = None):
         super().__init__()
         self.head_size = head_size
         self.theta = theta
+        self.scaling = scaling  # None, or a checked rope_scaling (model/rope.py)
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
-        exponents = torch.arange(0, self.head_size, 2, dtype=torch.float32, device=device) / self.head_size
-        return 1.0 / (self.theta**exponents)
+        return inverse_frequencies(self.head_size, self.theta, self.scaling, device)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of every angle, shaped (B, 1, T, head_size) to broadcast over heads."""

@@ -3,6 +3,8 @@
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
+from picogpt_lightning.model.rope import check_rope_scaling
+
 from picogpt_lightning.errors import UserError
 from picogpt_lightning.quant.bitnet import BITNET_KINDS
 
@@ -24,7 +26,13 @@ class PicoGPTConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dropout: float = 0.0
-    bias: bool = False
+    bias: bool = False  # biases on every projection (attention's q, k, v and output; the MLP's unless mlp_bias)
+    mlp_bias: Optional[bool] = None  # None: as bias; llama's attention_bias and mlp_bias may differ
+    head_dim: Optional[int] = None  # None: n_embd / n_head; llama and mistral may set it apart from the width
+    # RoPE frequencies rescaled for longer contexts, as transformers' rope_parameters: None (plain),
+    # {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"} (model/rope.py)
+    rope_scaling: Optional[dict] = None
     neftune_noise_alpha: float = 0.0
     linear: str = "linear"  # the blocks' projections: "linear", "bitnet1.58" or "bitnet1" (BitLinear)
     # SubLN (BitNet Distillation): an RMSNorm before attention's output projection and the MLP's down
@@ -38,7 +46,9 @@ class PicoGPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise UserError(f"PicoGPTConfig.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head != 0:
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
+            raise UserError(f"PicoGPTConfig.head_dim must be a positive integer or None (n_embd / n_head), got {self.head_dim!r}")
+        if self.head_dim is None and self.n_embd % self.n_head != 0:
             raise UserError(
                 f"PicoGPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 "pick n_head among the divisors of n_embd"
@@ -50,8 +60,8 @@ class PicoGPTConfig:
             )
         if self.head_size % 2 != 0:
             raise UserError(
-                f"PicoGPTConfig head size n_embd/n_head = {self.head_size} must be even for rotary "
-                "embeddings; change n_embd or n_head"
+                f"PicoGPTConfig head size {self.head_size} (head_dim, or n_embd/n_head) must be even for rotary "
+                "embeddings; change head_dim, n_embd or n_head"
             )
         if self.mlp not in MLP_KINDS:
             raise UserError(f"PicoGPTConfig.mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
@@ -71,6 +81,9 @@ class PicoGPTConfig:
             raise UserError(f"PicoGPTConfig.rope_theta must be positive, got {self.rope_theta!r}")
         if self.norm_eps <= 0:
             raise UserError(f"PicoGPTConfig.norm_eps must be positive, got {self.norm_eps!r}")
+        if self.mlp_bias is None:
+            self.mlp_bias = self.bias
+        self.rope_scaling = check_rope_scaling(self.rope_scaling)
         if self.neftune_noise_alpha < 0:
             raise UserError(
                 f"PicoGPTConfig.neftune_noise_alpha must be >= 0 (0 turns NEFTune off), "
@@ -79,7 +92,7 @@ class PicoGPTConfig:
 
     @property
     def head_size(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_dim or self.n_embd // self.n_head
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -47,7 +47,7 @@ class PicoGPT(nn.Module):
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
         self.embed_dropout = make_dropout(config.dropout)
-        self.rotary = RotaryEmbedding(config.head_size, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.head_size, config.rope_theta, config.rope_scaling)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -196,7 +196,8 @@ class PicoGPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, config: Optional[PicoGPTConfig] = None, strict: bool = True) -> "PicoGPT":
-        """Rebuilds a model from a Lightning .ckpt of any module here, or from `PicoGPT.save`.
+        """Rebuilds a model from a Lightning .ckpt of any module here, from `PicoGPT.save`, or from a
+        Hugging Face Llama-family model folder (in its own dtype).
 
         `path` may also be a `checkpoints.Checkpoint` already read. A bare state dict needs
         `config`; with a stored config, `config` must describe the same architecture
@@ -205,7 +206,15 @@ class PicoGPT(nn.Module):
         from picogpt_lightning import checkpoints
 
         checkpoint = checkpoints.load(path)
-        model = cls(checkpoint.resolve_config(config))
-        checkpoint.load_weights(model, strict=strict)
+        config = checkpoint.resolve_config(config)
+        if checkpoint.quantization is not None or config.linear != "linear" or not strict:
+            model = cls(config)  # packed or BitNet layers build buffers of their own first
+            checkpoint.load_weights(model, strict=strict)
+            return model
+        # no random weights first: the parameters are the loaded tensors themselves, in their dtype
+        with torch.device("meta"):
+            model = cls(config)
+        checkpoint.load_weights(model, assign=True)
+        if config.tie_weights:  # assigning replaced the shared parameter by two
+            model.lm_head.weight = model.tok_embeddings.weight
         return model
-

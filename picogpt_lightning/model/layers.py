@@ -1,5 +1,7 @@
 """The pieces of a llama-like block besides attention: projections, SubLN norms, dropout, MLPs."""
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -8,11 +10,12 @@ from picogpt_lightning.model.config import PicoGPTConfig
 from picogpt_lightning.quant.bitnet import BitLinear
 
 
-def make_linear(config: PicoGPTConfig, in_features: int, out_features: int) -> nn.Module:
-    """The one place a projection is built, so the linear kind can be switched by config."""
+def make_linear(config: PicoGPTConfig, in_features: int, out_features: int, bias: Optional[bool] = None) -> nn.Module:
+    """The one place a projection is built, so the linear kind can be switched by config (bias: config.bias)."""
+    bias = config.bias if bias is None else bias
     if config.linear == "linear":
-        return nn.Linear(in_features, out_features, bias=config.bias)
-    return BitLinear(in_features, out_features, bias=config.bias, kind=config.linear)
+        return nn.Linear(in_features, out_features, bias=bias)
+    return BitLinear(in_features, out_features, bias=bias, kind=config.linear)
 
 
 def make_sub_norm(config: PicoGPTConfig, width: int):
@@ -30,10 +33,10 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: PicoGPTConfig):
         super().__init__()
-        self.gate_proj = make_linear(config, config.n_embd, config.intermediate_size)
-        self.up_proj = make_linear(config, config.n_embd, config.intermediate_size)
+        self.gate_proj = make_linear(config, config.n_embd, config.intermediate_size, config.mlp_bias)
+        self.up_proj = make_linear(config, config.n_embd, config.intermediate_size, config.mlp_bias)
         self.sub_norm = make_sub_norm(config, config.intermediate_size)
-        self.down_proj = make_linear(config, config.intermediate_size, config.n_embd)
+        self.down_proj = make_linear(config, config.intermediate_size, config.n_embd, config.mlp_bias)
         self.down_proj.is_residual_projection = True
         self.dropout = make_dropout(config.dropout)
 
@@ -49,9 +52,9 @@ class GeluMLP(nn.Module):
 
     def __init__(self, config: PicoGPTConfig):
         super().__init__()
-        self.fc = make_linear(config, config.n_embd, config.intermediate_size)
+        self.fc = make_linear(config, config.n_embd, config.intermediate_size, config.mlp_bias)
         self.sub_norm = make_sub_norm(config, config.intermediate_size)
-        self.proj = make_linear(config, config.intermediate_size, config.n_embd)
+        self.proj = make_linear(config, config.intermediate_size, config.n_embd, config.mlp_bias)
         self.proj.is_residual_projection = True
         self.dropout = make_dropout(config.dropout)
 

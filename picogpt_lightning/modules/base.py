@@ -208,8 +208,15 @@ class PicoGPTModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self._evaluate(batch, "test")
 
+    def evaluation_losses(self, batch, losses: Dict[str, torch.Tensor], logits) -> Dict[str, torch.Tensor]:
+        """What validation and test log: `loss` is always the trained model's next-token cross-entropy on the
+        data, so runs of every recipe compare on one curve; a recipe whose objective differs logs it as
+        `objective` (compute_losses' `loss`) beside it."""
+        return losses
+
     def _evaluate(self, batch, stage: str) -> None:
         losses, logits = self.step_losses(batch)
+        losses = self.evaluation_losses(batch, losses, logits)
         self._log_losses(stage, losses, batch, prog_bar=True, on_step=False, on_epoch=True)
         self.val_perplexity.update(logits.float(), batch["labels"])
         self.log(f"{stage}/ppl", self.val_perplexity, on_step=False, on_epoch=True, sync_dist=True)

@@ -39,24 +39,23 @@ optimizer never sees it, and checkpoints leave it out unless `save_teacher=True`
 """
 
 import dataclasses
-import importlib.util
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
+from picogpt_lightning.tokenizer_format import same_tokens
 from picogpt_lightning import checkpoints
-from picogpt_lightning.errors import UserError, first_line
+from picogpt_lightning.errors import UserError
 from picogpt_lightning.losses import (
     IGNORE_INDEX, attention_relation_loss, default_layer_map, hidden_cosine_loss, kd_loss, next_token_loss,
 )
 from picogpt_lightning.model import PicoGPT, PicoGPTConfig
 from picogpt_lightning.modules.base import PicoGPTModule
-from picogpt_lightning.modules.data_link import attached_datamodule, data_tokenizer
-from picogpt_lightning.modules.flops import flops_per_token
+from picogpt_lightning.modules.data_link import ModelAwareData, attached_datamodule, data_tokenizer
+from picogpt_lightning.modules.teacher import load_teacher, teacher_forward_flops, teacher_layout
+from picogpt_lightning.tokenizer import Tokenizer
 
-QUANTIZATIONS = ("4bit",)
 WARM_START_FREE_FIELDS = ("linear", "sub_norm")  # a BitNet or SubLN student may start from a plain model's weights
 
 
@@ -79,14 +78,17 @@ class DistillationModule(PicoGPTModule):
             negative from the end; None: the last block of each.
         relation_heads: heads both models' q, k, v split into for relations; None: the student's n_head.
         init_from: a full-precision checkpoint of the student's shape whose weights start the student
-            (linear and sub_norm may differ; sub-norms absent from it start at ones).
+            (linear and sub_norm may differ; sub-norms absent from it start at ones), or a Hugging Face
+            Llama-family folder. Without `config`, the student is init_from's architecture, and without
+            `teacher`, init_from is the teacher too (BitNet Distillation's set-up).
+        linear, sub_norm: the student's projections and SubLN, changed from `config` or init_from's.
         **kwargs: optimizer and schedule arguments of PicoGPTModule.
     """
 
     def __init__(
         self,
-        config: PicoGPTConfig,
-        teacher: str,
+        config: Optional[PicoGPTConfig] = None,
+        teacher: Optional[str] = None,
         temperature: float = 1.0,
         alpha_ce: float = 0.0,
         alpha_kd: float = 1.0,
@@ -99,10 +101,19 @@ class DistillationModule(PicoGPTModule):
         attn_layer: Optional[Tuple[int, int]] = None,
         relation_heads: Optional[int] = None,
         init_from: Optional[str] = None,
+        linear: Optional[str] = None,
+        sub_norm: Optional[bool] = None,
         **kwargs,
     ):
+        start = checkpoints.load(init_from) if init_from is not None else None
+        config = student_config(config, start, linear, sub_norm)
+        teacher = teacher or init_from
+        if teacher is None:
+            raise UserError("DistillationModule needs a teacher (or init_from, which then teaches too)")
         super().__init__(config, **kwargs)
         self.save_hyperparameters()
+        if start is not None and start.tokenizer_dict is not None:
+            self.tokenizer = Tokenizer.from_dict(start.tokenizer_dict)  # data with tokenizer None takes it
         check_weights(temperature, alpha_ce, alpha_kd, alpha_cos, alpha_attn)
         if kd_top_k is not None and kd_top_k < 1:
             raise UserError(f"kd_top_k must be a positive number of tokens or None (all), got {kd_top_k}")
@@ -112,7 +123,8 @@ class DistillationModule(PicoGPTModule):
         # loading the teacher leaves the random state alone, so with the same seed the student
         # starts from the same weights as the same config trained without a teacher
         with torch.random.fork_rng(devices=[]):
-            teacher_model = load_teacher(teacher, teacher_quantization)
+            # the student's starting point teaching too is read once (its tensors become the teacher's)
+            teacher_model = load_teacher(start if teacher == init_from else teacher, teacher_quantization)
         self.teacher_vocab_size, teacher_layers, teacher_width = teacher_layout(teacher_model)
         self.config = dataclasses.replace(config, vocab_size=self.teacher_vocab_size)
         self.model = PicoGPT(self.config)
@@ -127,7 +139,7 @@ class DistillationModule(PicoGPTModule):
         self.relation_heads = config.n_head if relation_heads is None else relation_heads
         if alpha_attn > 0:
             self.attn_layers = resolve_attn_layers(attn_layer, self.relation_heads, self.config, teacher_model)
-        self._pending_init_from = init_from  # read at setup, as LanguageModelModule's init_from
+        self._pending_init_from = start  # loaded at setup, as LanguageModelModule's init_from
 
     @property
     def uses_teacher(self) -> bool:
@@ -182,16 +194,23 @@ class DistillationModule(PicoGPTModule):
             total = total + self.alpha_attn * losses["attn"]
         return {"loss": total, **losses}, student.logits
 
+    def evaluation_losses(self, batch, losses, logits):
+        # the student's own cross-entropy, as every recipe's val/loss; the distillation objective beside it
+        return {"loss": losses["ce"], "objective": losses["loss"], **{k: v for k, v in losses.items() if k not in ("loss", "ce")}}
+
     # ---- checks before the first step, and checkpoints ---------------------------------
 
     def setup(self, stage: str) -> None:
-        tokenizer = data_tokenizer(attached_datamodule(self))
+        datamodule = attached_datamodule(self)
+        if isinstance(datamodule, ModelAwareData):  # data taking the tokenizer from the model has it now
+            datamodule.connect_model(self.tokenizer, self.config.block_size)
+        tokenizer = data_tokenizer(datamodule)
         # only a tokenizer larger than the teacher's vocabulary is wrong; a padded vocabulary is fine
         if tokenizer is not None and tokenizer.vocab_size > self.teacher_vocab_size:
             raise UserError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the teacher's vocabulary has "
                 f"{self.teacher_vocab_size}; tokenize the data with the teacher's tokenizer "
-                f"(data tokenizer: {self.hparams.teacher!r})"
+                f"(data tokenizer: {self.hparams.teacher or self.hparams.init_from!r})"
             )
         super().setup(stage)
         if self._pending_init_from is not None:
@@ -201,6 +220,16 @@ class DistillationModule(PicoGPTModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         self._pending_init_from = None  # the checkpoint's own weights replace the starting point
+
+
+def student_config(config, start, linear: Optional[str], sub_norm: Optional[bool]) -> PicoGPTConfig:
+    """The student's architecture: `config`, else init_from's; with linear and sub_norm changed where given."""
+    if config is None:
+        if start is None:
+            raise UserError("DistillationModule needs a student config, or init_from=<checkpoint> to take one from")
+        config = start.resolve_config()
+    changes = {name: value for name, value in (("linear", linear), ("sub_norm", sub_norm)) if value is not None}
+    return dataclasses.replace(config, **changes)
 
 
 def check_weights(temperature: float, alpha_ce: float, alpha_kd: float, alpha_cos: float, alpha_attn: float) -> None:
@@ -238,13 +267,14 @@ def resolve_attn_layers(attn_layer, heads: int, student: PicoGPTConfig, teacher:
     return pair
 
 
-def warm_start(student: PicoGPT, path: str, tokenizer) -> None:
+def warm_start(student: PicoGPT, path, tokenizer) -> None:
     """Copies a full-precision checkpoint's weights into the student, whose linear kind and sub_norm may differ.
 
     BitLinear keeps full-precision latent weights, so an nn.Linear's weight loads as it is; a fresh
     RMSNorm's weight is ones, so sub-norms the checkpoint lacks start as a plain RMS normalisation.
     """
     checkpoint = checkpoints.load(path)
+    path = checkpoint.path
     checkpoints.require_unquantized(checkpoint, "init_from (training needs full-precision weights)")
     if checkpoint.config is not None:
         differences = checkpoints.architecture_differences(checkpoint.config, student.config)
@@ -262,7 +292,7 @@ def warm_start(student: PicoGPT, path: str, tokenizer) -> None:
             f"init_from {path} does not match the student: missing keys {missing}, unexpected keys {unexpected}"
         )
     stored_tokenizer = checkpoint.tokenizer_dict
-    if stored_tokenizer is not None and tokenizer is not None and tokenizer.to_dict() != stored_tokenizer:
+    if stored_tokenizer is not None and tokenizer is not None and not same_tokens(tokenizer.to_dict(), stored_tokenizer):
         raise checkpoints.CheckpointError(
             f"init_from {path} was trained with another tokenizer than the data's; tokenize with its own"
         )
@@ -282,67 +312,3 @@ def resolve_layer_map(layer_map: Optional[Dict[int, int]], student_layers: int, 
     if not pairs:
         raise UserError("layer_map is empty; map at least one student layer to a teacher layer, or leave it unset")
     return pairs
-
-
-# ---- loading the teacher ---------------------------------------------------------------
-
-
-def load_teacher(source: str, quantization: Optional[str] = None) -> nn.Module:
-    """A PicoGPT from a checkpoint file of this project, else a transformers causal LM."""
-    if quantization is not None and quantization not in QUANTIZATIONS:
-        raise UserError(f"teacher_quantization must be one of {QUANTIZATIONS} or None, got {quantization!r}")
-    if is_picogpt_checkpoint(source):
-        if quantization is not None:
-            raise UserError("teacher_quantization applies to transformers teachers; a PicoGPT checkpoint loads as is")
-        return PicoGPT.from_checkpoint(source)
-    from transformers import AutoModelForCausalLM
-
-    options = {"quantization_config": four_bit_config()} if quantization == "4bit" else {}
-    try:
-        return AutoModelForCausalLM.from_pretrained(source, **options)
-    except Exception as error:  # noqa: BLE001 - transformers raises many kinds for "not a model"
-        raise UserError(
-            f"cannot load teacher {source!r} ({first_line(error)}); pass a .ckpt of this project, a transformers model "
-            "directory, or a hub id while online"
-        ) from None
-
-
-def is_picogpt_checkpoint(source: str) -> bool:
-    # a transformers model is a directory or a hub id; this project's checkpoints are single files
-    return source.endswith((".ckpt", ".pt")) or os.path.isfile(source)
-
-
-def four_bit_config():
-    """NF4 weights with bfloat16 compute (QLoRA's recipe); needs bitsandbytes and a CUDA GPU."""
-    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
-        missing = "bitsandbytes" if importlib.util.find_spec("bitsandbytes") is None else "a CUDA GPU"
-        raise UserError(
-            f"teacher_quantization='4bit' needs bitsandbytes and a CUDA GPU, and {missing} is missing; "
-            "pip install bitsandbytes on a GPU machine, or drop teacher_quantization"
-        )
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True,
-    )
-
-
-def teacher_forward_flops(teacher: nn.Module, seq_len: int) -> int:
-    """Forward FLOPs per token: as the base counts them for a PicoGPT; for a transformers model,
-    2 per weight of its blocks and its lm_head matmul (attention scores left out)."""
-    if isinstance(teacher, PicoGPT):
-        return flops_per_token(teacher.config, seq_len, training=False)
-    vocab_size, _, width = teacher_layout(teacher)
-    return 2 * (teacher.num_parameters(exclude_embeddings=True) + vocab_size * width)
-
-
-def teacher_layout(teacher: nn.Module) -> Tuple[int, int, int]:
-    """(vocabulary size, number of blocks, hidden width) of a PicoGPT or transformers teacher."""
-    config = teacher.config
-    if isinstance(teacher, PicoGPT):
-        return config.vocab_size, config.n_layer, config.n_embd
-    # transformers configs name these alike across architectures (GPT-2 maps n_layer/n_embd onto them)
-    return config.vocab_size, config.num_hidden_layers, config.hidden_size

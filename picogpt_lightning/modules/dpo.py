@@ -154,6 +154,12 @@ class DPOModule(PicoGPTModule):
             "logps/rejected": rejected.detach().mean(),
         }, logits
 
+    def evaluation_losses(self, batch, losses, logits):
+        # next-token loss on the chosen completions (the batch's first half): what the policy should write
+        pairs = batch["input_ids"].shape[0] // 2
+        nll = losses["nll"] if "nll" in losses else next_token_loss(logits[:pairs], batch["labels"][:pairs])
+        return {"loss": nll, "objective": losses["loss"], **{k: v for k, v in losses.items() if k != "loss"}}
+
     def loss_items(self, batch) -> torch.Tensor:
         # the DPO loss and the rewards are means over pairs (rpo_alpha's nll, a mean over chosen
         # tokens, rides along with the same weight)

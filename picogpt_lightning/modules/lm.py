@@ -7,6 +7,7 @@ is learnt, while the prompt still conditions it.
 
 from typing import Optional
 
+from picogpt_lightning.tokenizer_format import same_tokens
 from picogpt_lightning import checkpoints
 from picogpt_lightning.errors import UserError
 from picogpt_lightning.lora import LoraSettings
@@ -68,7 +69,7 @@ class LanguageModelModule(PicoGPTModule):
     def check_tokenizer(self, path: str, tokenizer_dict: Optional[dict]) -> None:
         # token ids mean nothing under another tokenizer: the same vocabulary size would hide the remapping
         if tokenizer_dict is not None and self.tokenizer is not None:
-            if self.tokenizer.to_dict() != tokenizer_dict:
+            if not same_tokens(self.tokenizer.to_dict(), tokenizer_dict):
                 raise checkpoints.CheckpointError(
                     f"{path} was trained with another tokenizer than the data's; fine-tune with the "
                     "tokenizer it was trained with (the data module's tokenizer and corpus)"

@@ -1,0 +1,78 @@
+"""`serve`'s /v1/chat/completions on a Hugging Face Llama folder: the `openai` client's chat completion is
+what generate writes after the conversation rendered by the folder's own chat template."""
+
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+
+from hf_folders import llama_folder
+from picogpt_lightning import PicoGPT
+from picogpt_lightning.data import Tokenizer
+from picogpt_lightning.generation import generate_texts
+from test_serve import free_port, healthy
+
+MESSAGES = [{"role": "system", "content": "Speak as a king."}, {"role": "user", "content": "Who goes there?"}]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, corpus_path):
+    return str(llama_folder(tmp_path_factory.mktemp("chat") / "model", corpus_path.read_text()[:200_000]))
+
+
+@pytest.fixture(scope="module")
+def client(folder):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "picogpt_lightning", "serve", "--ckpt", folder, "--port", str(port), "--log_level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while not healthy(url):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "the server did not become healthy in 120 s"
+        time.sleep(0.2)
+    yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def reference(folder, max_new_tokens: int) -> str:
+    """generate's continuation of the rendered conversation (greedy, stopping at EOS)."""
+    model, tokenizer = PicoGPT.from_checkpoint(folder).eval(), Tokenizer.from_checkpoint(folder)  # bf16, as served
+    prompt = tokenizer.chat_prompt(MESSAGES)
+    assert tokenizer.encode(prompt, add_special_tokens=True) == tokenizer.hf.apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False
+    )  # the BOS the template writes is the one encoding adds: once
+    text = generate_texts(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, do_sample=False)[0]
+    assert text.startswith(prompt)
+    return text[len(prompt):]
+
+
+def test_chat_completion_is_generate_on_the_rendered_template(client, folder):
+    expected = reference(folder, 16)
+    reply = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=16, temperature=0)
+    assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == expected and expected
+    stream = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=16, temperature=0, stream=True)
+    chunks = [chunk for chunk in stream if chunk.choices]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == expected
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+        ({"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+    ],
+)
+def test_bad_chat_requests_are_a_400_naming_the_field(client, body, field):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="m", **body)
+    assert field in str(error.value)
