@@ -171,7 +171,17 @@ BAD_REQUESTS = [  # (body, status, words the message must hold)
     ({"prompt": "to", "logprobs": 3}, 400, "logprobs is not supported"),
     ({"prompt": "XYZ", "max_tokens": 5}, 400, "not in the 'char' tokenizer"),  # refused by the worker, not the schema
     (b'{"prompt": "to", ', 400, "not valid JSON"),
+    # in range for the schema's types but past what decoding takes: refused before they can join a batch
+    ({"prompt": "to", "seed": 2**64}, 400, "seed"),
+    ({"prompt": "to", "temperature": 1e-300}, 400, "temperature must be 0 (greedy) or at least"),
+    ({"prompt": "to", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "to", "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
+    ({"prompt": "to", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop must be up to 4"),
+    ({"prompt": "to", "stop": "x" * 100_000}, 400, "at most 256 characters"),
+    ({"prompt": "to", "max_tokens": 5000}, 400, "cap of 4096"),
+    ({"prompt": "to " * 9000}, 400, "over this server's limit of 8192"),
     (b'{"prompt": "' + b"a" * (1 << 20) + b'"}', 413, "1048576-byte limit"),
+    ({"prompt": "to", "seed": -(2**63) - 1}, 400, "seed"),
 ]
 
 

@@ -1,9 +1,12 @@
 """`serve`'s /v1/chat/completions on a Hugging Face Llama folder: the `openai` client's chat completion is
-what generate writes after the conversation rendered by the folder's own chat template."""
+what generate writes after the conversation rendered by the folder's own chat template. The server
+requires an API key and has no schema pages."""
 
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
@@ -14,6 +17,7 @@ from picogpt_lightning.data import Tokenizer
 from picogpt_lightning.generation import generate_texts
 from test_serve import free_port, healthy
 
+KEY = "sesame"
 MESSAGES = [{"role": "system", "content": "Speak as a king."}, {"role": "user", "content": "Who goes there?"}]
 
 
@@ -26,7 +30,8 @@ def folder(tmp_path_factory, corpus_path):
 def client(folder):
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "picogpt_lightning", "serve", "--ckpt", folder, "--port", str(port), "--log_level", "warning"],
+        [sys.executable, "-m", "picogpt_lightning", "serve", "--ckpt", folder, "--port", str(port), "--log_level", "warning",
+         "--api_key", KEY, "--max_prompt_tokens", "128"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -35,7 +40,7 @@ def client(folder):
         assert process.poll() is None, process.stderr.read()
         assert time.monotonic() < deadline, "the server did not become healthy in 120 s"
         time.sleep(0.2)
-    yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    yield openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     process.terminate()
     process.wait(timeout=60)
 
@@ -76,3 +81,16 @@ def test_bad_chat_requests_are_a_400_naming_the_field(client, body, field):
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model="m", **body)
     assert field in str(error.value)
+
+
+def test_without_the_key_a_401_and_no_schema_pages(client):
+    stranger = openai.OpenAI(base_url=str(client.base_url), api_key="guess", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        stranger.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2)
+    root = str(client.base_url).removesuffix("/v1/")
+    for page in ("/docs", "/openapi.json"):
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(root + page, timeout=10)
+        assert error.value.code == 404
+    with pytest.raises(openai.BadRequestError, match="over this server's limit of 128"):  # --max_prompt_tokens
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "To be " * 200}], max_tokens=2)

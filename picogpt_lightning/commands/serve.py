@@ -34,6 +34,10 @@ def serve(
     queue_timeout: float = 120.0,
     model_name: Optional[str] = None,
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info",
+    max_prompt_tokens: int = 8192,
+    max_tokens_cap: int = 4096,
+    api_key: Optional[str] = None,
+    schema_pages: bool = False,
 ) -> None:
     """Serve a checkpoint over HTTP with OpenAI's completions and chat APIs (POST /v1/completions and
     /v1/chat/completions, the conversation rendered by the tokenizer's chat template), through LitServe.
@@ -50,20 +54,28 @@ def serve(
         queue_timeout: seconds a request may wait for its batch before it is answered 504.
         model_name: the name responses give as "model" (default: the checkpoint's file name).
         log_level: uvicorn's and LitServe's log level: debug, info, warning, error.
+        max_prompt_tokens: the longest prompt a request may send, in tokens (a 400 past it); prefill works through
+            it a window at a time, so it bounds a request's time, not its memory.
+        max_tokens_cap: the most tokens a request may ask for (max_tokens; a 400 past it).
+        api_key: a key every /v1 request must send as `Authorization: Bearer KEY` (401 without it); default: the
+            PICOGPT_API_KEY environment variable, else none.
+        schema_pages: also serve FastAPI's /docs, /redoc and /openapi.json.
     """
     import litserve as ls
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    from picogpt_lightning.commands.serve_api import MAX_BODY_BYTES, CompletionsSpec, http_error, invalid_request
+    from picogpt_lightning.commands.serve_access import guard, resolve_api_key
+    from picogpt_lightning.commands.serve_api import MAX_BODY_BYTES, CompletionsSpec, Limits, http_error, invalid_request
     from picogpt_lightning.commands.serve_worker import CompletionsAPI, load_model
 
     torch_device = check_flags(ckpt, host, port, device, max_batch_size, batch_timeout, queue_timeout)
+    limits = Limits(check_positive("max_prompt_tokens", max_prompt_tokens), check_positive("max_tokens_cap", max_tokens_cap))
     _, tokenizer = load_model(ckpt, "cpu")  # a bad checkpoint gets its one-line error here, not a worker's traceback
     compile = torch_device.type == "cuda" if compile is None else compile
     name = model_name or Path(ckpt).name
     api = CompletionsAPI(
-        ckpt, str(torch_device), compile, spec=CompletionsSpec(name, tokenizer.to_dict()), max_batch_size=max_batch_size,
+        ckpt, str(torch_device), compile, spec=CompletionsSpec(name, tokenizer.to_dict(), limits), max_batch_size=max_batch_size,
         batch_timeout=batch_timeout,
     )
     server = ls.LitServer(
@@ -72,6 +84,7 @@ def serve(
     )
     server.app.add_exception_handler(RequestValidationError, invalid_request)  # OpenAI's error shape, status 400
     server.app.add_exception_handler(HTTPException, http_error)
+    guard(server.app, resolve_api_key(api_key), host, schema_pages)
     drain_on_sigterm(server)
     print(f"serving {name} at http://{host}:{port}/v1/completions", flush=True)
     try:
@@ -96,6 +109,12 @@ def check_flags(ckpt, host, port, device, max_batch_size, batch_timeout, queue_t
     if not queue_timeout > batch_timeout:
         raise UserError(f"--queue_timeout {queue_timeout}: must be longer than --batch_timeout ({batch_timeout})")
     return check_device(device)
+
+
+def check_positive(flag: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"--{flag} {value!r}: must be a positive number of tokens")
+    return value
 
 
 def check_port_free(host: str, port: int) -> None:

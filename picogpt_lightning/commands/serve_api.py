@@ -15,6 +15,7 @@ import pickle
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 from typing import Optional
 
 from fastapi import Request
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException
 from picogpt_lightning.commands.serve_requests import (  # noqa: F401 (MAX_BODY_BYTES: serve.py reads it here)
     MAX_BODY_BYTES, ChatRequest, CompletionRequest, as_completion,
 )
+from picogpt_lightning.errors import UserError, first_line
 
 def error_body(message: str, param: Optional[str] = None, kind: str = "invalid_request_error", code=None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -58,6 +60,14 @@ async def http_error(request: Request, error: HTTPException) -> JSONResponse:
     return JSONResponse(error_body(str(detail)), status_code=error.status_code, headers=error.headers)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the worker, checked before it is queued."""
+
+    max_prompt_tokens: int = 8192
+    max_tokens_cap: int = 4096
+
+
 class CompletionsSpec(LitSpec):
     """`POST /v1/completions`: one queued item per HTTP request, its choices decoded as rows of a batch.
 
@@ -66,8 +76,9 @@ class CompletionsSpec(LitSpec):
     is awaited before answering, so a request the worker refuses still gets a 400.
     """
 
-    def __init__(self, model_name: str, tokenizer_dict: Optional[dict] = None):
+    def __init__(self, model_name: str, tokenizer_dict: Optional[dict] = None, limits: Limits = Limits()):
         super().__init__()
+        self.limits = limits
         self.api_path = "/v1/completions"
         self.model_name = model_name
         self.tokenizer_dict, self._tokenizer = tokenizer_dict, None  # the chat template's, built on first use
@@ -103,6 +114,9 @@ class CompletionsSpec(LitSpec):
         return self._tokenizer
 
     async def answer(self, request: CompletionRequest, chat: bool):
+        refusal = await self.over_limits(request)
+        if refusal is not None:
+            return refusal
         uid = uuid.uuid4().hex
         messages = self.worker_messages(uid, request)
         first = await anext(messages)
@@ -117,6 +131,24 @@ class CompletionsSpec(LitSpec):
             return StreamingResponse(events, media_type="text/event-stream")
         body = await self.collect(request, header, first, messages, chat)
         return JSONResponse(body, status_code=body["error"].pop("status", 500) if "error" in body else 200)
+
+    async def over_limits(self, request: CompletionRequest) -> Optional[JSONResponse]:
+        """A 400 for a request past --max_tokens_cap or --max_prompt_tokens; None if it is within both."""
+        if request.max_tokens > self.limits.max_tokens_cap:
+            message = f"max_tokens {request.max_tokens} exceeds this server's cap of {self.limits.max_tokens_cap}"
+            return JSONResponse(error_body(message, "max_tokens"), status_code=400)
+        if self.tokenizer_dict is None:
+            return None
+        encode = self.tokenizer.encode_batch  # in a thread: a long prompt must not stall the other clients' streams
+        try:
+            lengths = [len(ids) for ids in await asyncio.to_thread(encode, request.prompts, True)]
+        except UserError as error:  # a symbol the vocabulary lacks
+            return JSONResponse(error_body(first_line(error), "prompt"), status_code=400)
+        if max(lengths) > self.limits.max_prompt_tokens:
+            message = (f"the prompt is {max(lengths)} tokens, over this server's limit of {self.limits.max_prompt_tokens}; "
+                       "send a shorter one")
+            return JSONResponse(error_body(message, "prompt"), status_code=400)
+        return None
 
     async def worker_messages(self, uid: str, request: CompletionRequest):
         """The worker's messages for this request, decoded, ending with the one that holds the usage."""

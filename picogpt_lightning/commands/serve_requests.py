@@ -12,11 +12,31 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from picogpt_lightning.errors import UserError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a prompt far longer than any block_size here, far short of a memory problem
-MAX_TOKENS_LIMIT = 4096
+MAX_TOKENS_LIMIT = 1 << 16  # the schema's ceiling; --max_tokens_cap (4096) is the server's own
 MAX_CHOICES = 64  # prompts x n: the rows one request may add to a batch
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's 4 stop strings; each matched against the text's tail at every token
+MIN_TEMPERATURE = 1e-4  # below it logits / temperature leave float32's range; 0 asks for greedy decoding
+MIN_TOP_P = 1e-6
+PENALTY_RANGE = (1e-3, 1e3)  # repetition_penalty divides or multiplies logits by it
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
 UNSUPPORTED = {  # OpenAI parameters this server knows but does not implement: refused unless left at their no-op value
     "suffix": None, "logprobs": None, "best_of": None, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0,
 }
+CHAT_UNSUPPORTED = {  # the same for the chat API
+    "logprobs": False, "top_logprobs": None, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0,
+    "tools": None, "tool_choice": None, "response_format": None,
+}
+
+
+def no_op_only(table: dict):
+    """A validator refusing each field of `table` unless it is None or its no-op value there."""
+
+    def check(cls, value, info: ValidationInfo):
+        if value not in (None, table[info.field_name]):
+            raise ValueError("is not supported by this server; leave it out")
+        return value
+
+    return field_validator(*table)(classmethod(check))
 
 
 class StreamOptions(BaseModel):
@@ -24,30 +44,51 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI's completion request, plus generate's own sampling parameters (top_k, repetition_penalty)."""
+class Sampling(BaseModel):
+    """What both APIs share: OpenAI's sampling and streaming fields, plus generate's top_k and repetition_penalty,
+    each bounded so that no value can fail in the worker, where it would fail its batch-mates too."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     model: Optional[str] = None  # any name is accepted; the response names the served checkpoint
-    prompt: Union[str, List[str]]
-    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0: greedy, as in OpenAI's API
-    top_p: float = Field(1.0, ge=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # 0: no top-k
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, ge=MIN_TOP_P, le=1.0)
+    top_k: int = Field(0, ge=0, le=2**31 - 1)  # 0: no top-k
+    repetition_penalty: float = Field(1.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, List[str]]] = None
-    seed: Optional[int] = None
-    echo: bool = False
+    seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     user: Optional[str] = None  # accepted and ignored, as a single-user server may
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[dict] = None
+
+    @field_validator("temperature")
+    @classmethod
+    def greedy_or_representable(cls, temperature):
+        if 0 < temperature < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}: smaller values overflow the logits")
+        return temperature
+
+    @field_validator("stop")
+    @classmethod
+    def stops_are_few_short_and_not_empty(cls, stop):
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stops) > MAX_STOPS or any(not 0 < len(text) <= MAX_STOP_CHARS for text in stops):
+            raise ValueError(f"must be up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
+        return stop
+
+
+class CompletionRequest(Sampling):
+    """OpenAI's completion request."""
+
+    prompt: Union[str, List[str]]
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    echo: bool = False
     suffix: Optional[str] = None
     logprobs: Optional[int] = None
     best_of: Optional[int] = None
-    logit_bias: Optional[dict] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
 
     @field_validator("prompt")
     @classmethod
@@ -57,20 +98,7 @@ class CompletionRequest(BaseModel):
             raise ValueError("must be a non-empty string (or a list of them): give at least one character to continue")
         return prompt
 
-    @field_validator("stop")
-    @classmethod
-    def stops_are_few_and_not_empty(cls, stop):
-        stops = [stop] if isinstance(stop, str) else (stop or [])
-        if len(stops) > 4 or any(text == "" for text in stops):
-            raise ValueError("must be up to 4 non-empty strings")
-        return stop
-
-    @field_validator(*UNSUPPORTED)
-    @classmethod
-    def only_implemented_options(cls, value, info: ValidationInfo):
-        if value not in (None, UNSUPPORTED[info.field_name]):
-            raise ValueError("is not supported by this server; leave it out")
-        return value
+    only_implemented_options = no_op_only(UNSUPPORTED)
 
     @model_validator(mode="after")
     def few_enough_choices(self):
@@ -83,13 +111,6 @@ class CompletionRequest(BaseModel):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
-
-CHAT_UNSUPPORTED = {  # known to OpenAI's chat API, not implemented here: refused unless at their no-op value
-    "logprobs": False, "top_logprobs": None, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0,
-    "tools": None, "tool_choice": None, "response_format": None,
-}
-
-
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "user", "assistant"]
@@ -97,39 +118,19 @@ class ChatMessage(BaseModel):
     name: Optional[str] = None  # accepted and ignored
 
 
-class ChatRequest(BaseModel):
-    """OpenAI's chat completion request, plus generate's own sampling parameters (top_k, repetition_penalty)."""
+class ChatRequest(Sampling):
+    """OpenAI's chat completion request."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-    model: Optional[str] = None
     messages: List[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: Optional[int] = Field(None, ge=1, le=MAX_TOKENS_LIMIT)  # the newer name of max_tokens
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, ge=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    stop: Optional[Union[str, List[str]]] = None
-    seed: Optional[int] = None
-    user: Optional[str] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
-    logit_bias: Optional[dict] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     tools: Optional[list] = None
     tool_choice: Optional[Union[str, dict]] = None
     response_format: Optional[dict] = None
 
-    @field_validator(*CHAT_UNSUPPORTED)
-    @classmethod
-    def only_implemented_options(cls, value, info: ValidationInfo):
-        if value not in (None, CHAT_UNSUPPORTED[info.field_name]):
-            raise ValueError("is not supported by this server; leave it out")
-        return value
+    only_implemented_options = no_op_only(CHAT_UNSUPPORTED)
 
     @model_validator(mode="after")
     def one_length_limit(self):
@@ -145,6 +146,6 @@ def as_completion(chat: ChatRequest, tokenizer) -> CompletionRequest:
         prompt = tokenizer.chat_prompt(messages)
     except UserError as error:
         raise ValueError(str(error)) from None
-    fields = chat.model_dump(include=set(CompletionRequest.model_fields) - {"max_tokens", "logprobs", "logit_bias"})
+    fields = chat.model_dump(include=set(Sampling.model_fields) - {"logit_bias"})
     limit = chat.max_completion_tokens or chat.max_tokens
     return CompletionRequest(prompt=prompt, **fields, **({"max_tokens": limit} if limit else {}))
