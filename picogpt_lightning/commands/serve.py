@@ -62,11 +62,8 @@ def serve(
         schema_pages: also serve FastAPI's /docs, /redoc and /openapi.json.
     """
     import litserve as ls
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException
 
-    from picogpt_lightning.commands.serve_access import guard, resolve_api_key
-    from picogpt_lightning.commands.serve_api import MAX_BODY_BYTES, CompletionsSpec, Limits, http_error, invalid_request
+    from picogpt_lightning.commands.serve_api import MAX_BODY_BYTES, CompletionsSpec, Limits
     from picogpt_lightning.commands.serve_worker import CompletionsAPI, load_model
 
     torch_device = check_flags(ckpt, host, port, device, max_batch_size, batch_timeout, queue_timeout)
@@ -82,15 +79,26 @@ def serve(
         api, accelerator="cuda" if torch_device.type == "cuda" else "cpu", devices=1, timeout=queue_timeout,
         max_payload_size=MAX_BODY_BYTES,
     )
-    server.app.add_exception_handler(RequestValidationError, invalid_request)  # OpenAI's error shape, status 400
-    server.app.add_exception_handler(HTTPException, http_error)
-    guard(server.app, resolve_api_key(api_key), host, schema_pages)
+    configure_app(server.app, api_key, host, schema_pages)
     drain_on_sigterm(server)
     print(f"serving {name} at http://{host}:{port}/v1/completions", flush=True)
     try:
         server.run(host=host, port=port, log_level=log_level, generate_client_file=False)
     except KeyboardInterrupt:  # a SIGTERM during start-up: nothing was in flight
         pass
+
+
+def configure_app(app, api_key: Optional[str], host: str, schema_pages: bool) -> None:
+    """OpenAI's error shape for FastAPI's own errors (400 for a bad body), the API key and the schema pages."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    from picogpt_lightning.commands.serve_access import guard, resolve_api_key
+    from picogpt_lightning.commands.serve_api import http_error, invalid_request
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(HTTPException, http_error)
+    guard(app, resolve_api_key(api_key), host, schema_pages)
 
 
 def check_flags(ckpt, host, port, device, max_batch_size, batch_timeout, queue_timeout):
