@@ -50,15 +50,13 @@ def serve(
         device: "cpu", "cuda" or any torch device to decode on.
         max_batch_size: requests that arrive together are decoded as one batch of up to this many.
         batch_timeout: seconds to wait for more requests to fill a batch once one has arrived.
-        compile: compile the decode step (torch.compile); default: on CUDA only (on CPU each new batch shape takes tens of seconds to compile).
+        compile: compile the decode step (torch.compile); default: on CUDA only (on CPU a batch shape compiles for seconds).
         queue_timeout: seconds a request may wait for its batch before it is answered 504.
         model_name: the name responses give as "model" (default: the checkpoint's file name).
         log_level: uvicorn's and LitServe's log level: debug, info, warning, error.
-        max_prompt_tokens: the longest prompt a request may send, in tokens (a 400 past it); prefill works through
-            it a window at a time, so it bounds a request's time, not its memory.
-        max_tokens_cap: the most tokens a request may ask for (max_tokens; a 400 past it).
-        api_key: a key every /v1 request must send as `Authorization: Bearer KEY` (401 without it); default: the
-            PICOGPT_API_KEY environment variable, else none.
+        max_prompt_tokens, max_tokens_cap: the longest prompt, in tokens, and the most max_tokens a request may ask
+            for (a 400 past either).
+        api_key: a key each /v1 request must send as `Authorization: Bearer KEY` (else 401); default: PICOGPT_API_KEY.
         schema_pages: also serve FastAPI's /docs, /redoc and /openapi.json.
     """
     import litserve as ls
@@ -71,10 +69,8 @@ def serve(
     _, tokenizer = load_model(ckpt, "cpu")  # a bad checkpoint gets its one-line error here, not a worker's traceback
     compile = torch_device.type == "cuda" if compile is None else compile
     name = model_name or Path(ckpt).name
-    api = CompletionsAPI(
-        ckpt, str(torch_device), compile, spec=CompletionsSpec(name, tokenizer.to_dict(), limits), max_batch_size=max_batch_size,
-        batch_timeout=batch_timeout,
-    )
+    spec = CompletionsSpec(name, tokenizer.to_dict(), limits)
+    api = CompletionsAPI(ckpt, str(torch_device), compile, spec=spec, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
     server = ls.LitServer(
         api, accelerator="cuda" if torch_device.type == "cuda" else "cpu", devices=1, timeout=queue_timeout,
         max_payload_size=MAX_BODY_BYTES,
