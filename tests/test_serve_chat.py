@@ -2,6 +2,8 @@
 what generate writes after the conversation rendered by the folder's own chat template. The server
 requires an API key and has no schema pages."""
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -94,3 +96,27 @@ def test_without_the_key_a_401_and_no_schema_pages(client):
         assert error.value.code == 404
     with pytest.raises(openai.BadRequestError, match="over this server's limit of 128"):  # --max_prompt_tokens
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "To be " * 200}], max_tokens=2)
+
+
+@pytest.mark.parametrize("victim", ["worker", "api"])
+def test_a_dead_process_stops_the_server_with_one_line_and_status_1(folder, victim):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "picogpt_lightning", "serve", "--ckpt", folder, "--port", str(port), "--log_level", "error"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while not healthy(url):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.2)
+    children = subprocess.run(["pgrep", "-P", str(process.pid), "-a"], capture_output=True, text=True).stdout.splitlines()
+    # LitServe spawns the inference worker and forks the API server, last of its children
+    workers = [int(line.split()[0]) for line in children if "spawn_main" in line]
+    forks = [int(line.split()[0]) for line in children if "picogpt_lightning serve" in line]
+    assert workers and forks, children
+    os.kill(workers[0] if victim == "worker" else max(forks), signal.SIGKILL)
+    assert process.wait(timeout=30) == 1
+    errors = [line for line in process.stderr.read().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "died" in errors[0]
+    assert not healthy(url)

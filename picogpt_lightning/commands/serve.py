@@ -13,6 +13,8 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
+import threading
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -76,12 +78,16 @@ def serve(
         max_payload_size=MAX_BODY_BYTES,
     )
     configure_app(server.app, api_key, host, schema_pages)
-    drain_on_sigterm(server)
-    print(f"serving {name} at http://{host}:{port}/v1/completions", flush=True)
+    stopping = threading.Event()
+    drain_on_sigterm(server, stopping)
+    exit_when_a_process_dies(stopping)
+    print(f"serving {name} at http://{host}:{port}/v1/completions and /v1/chat/completions", flush=True)
     try:
         server.run(host=host, port=port, log_level=log_level, generate_client_file=False)
     except KeyboardInterrupt:  # a SIGTERM during start-up: nothing was in flight
         pass
+    finally:
+        stopping.set()
 
 
 def configure_app(app, api_key: Optional[str], host: str, schema_pages: bool) -> None:
@@ -132,7 +138,28 @@ def check_port_free(host: str, port: int) -> None:
             raise UserError(f"--port {port}: cannot listen on {host}:{port} ({error.strerror}); pick another port") from None
 
 
-def drain_on_sigterm(server) -> None:
+def exit_when_a_process_dies(stopping: threading.Event, interval: float = 0.2) -> None:
+    """If an API server, the inference worker or LitServe's manager dies while serving, stop everything and exit
+    1 with one line, so a supervisor restarts the server: never a port that accepts connections no one answers."""
+    seen = {}
+
+    def watch():
+        while not stopping.wait(interval):
+            seen.update({child.pid: child for child in multiprocessing.active_children()})
+            dead = next((child for child in seen.values() if child.exitcode is not None), None)
+            # a Ctrl+C reaches the whole process group at once: give the main process's handler time to say so
+            if dead is not None and not stopping.wait(0.5):
+                print(f"error: serve's process {dead.name} (pid {dead.pid}) died with exit code {dead.exitcode}; "
+                      "stopping the server so that it can be restarted", file=sys.stderr, flush=True)
+                for child in seen.values():
+                    if child.exitcode is None:
+                        child.kill()
+                os._exit(1)
+
+    threading.Thread(target=watch, name="serve-watchdog", daemon=True).start()
+
+
+def drain_on_sigterm(server, stopping: threading.Event) -> None:
     """On SIGTERM: stop the API servers the way uvicorn stops on its own SIGTERM (no new connections, the
     open ones answered to their end, up to LitServe's graceful timeout), then shut LitServe down as for Ctrl+C."""
     main_pid = os.getpid()
@@ -143,6 +170,7 @@ def drain_on_sigterm(server) -> None:
             os.kill(os.getpid(), signum)
             return
         signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not interrupt the drain
+        stopping.set()  # the processes that end from here on are meant to
         api_servers = [child for child in multiprocessing.active_children() if child.name.startswith(API_SERVER_PREFIX)]
         for child in api_servers:
             child.terminate()
@@ -150,7 +178,13 @@ def drain_on_sigterm(server) -> None:
             child.join(timeout=server.uvicorn_graceful_timeout + 5)
         raise KeyboardInterrupt  # LitServer.run's own shutdown path: workers stopped, queues closed
 
+    def interrupt(signum, frame):
+        if os.getpid() == main_pid:
+            stopping.set()  # Ctrl+C: LitServe stops its processes, which the watchdog must not take for a failure
+        raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, interrupt)
 
 
 if __name__ == "__main__":
