@@ -219,6 +219,11 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(server, client):
     behind.start()  # waits in LitServe's queue for the streaming request's batch to end
     time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    began = time.monotonic()  # a request that arrives during the drain: a quick 503, not a hang
+    status, text = post(url + "/v1/completions", json.dumps({"prompt": "to", "max_tokens": 2}).encode())
+    assert status == 503 and "shutting down" in json.loads(text)["error"]["message"]
+    assert time.monotonic() - began < 5
     rest = list(chunks)
     behind.join(timeout=60)
     assert len(first.choices[0].text + "".join(chunk.choices[0].text for chunk in rest)) == 400

@@ -5,16 +5,12 @@ LitServe runs the pieces: an API server process (FastAPI + uvicorn) that validat
 request (serve_api.py) and queues it, and an inference worker process that loads the
 checkpoint and decodes what LitServe batches (serve_worker.py). What LitServe leaves to
 its caller is here: checking the flags, OpenAI's error shape for FastAPI's errors, and a
-SIGTERM that lets the requests in flight finish (LitServe's own handling of SIGTERM is
-Python's default: the main process dies at once and its workers with it).
+SIGTERM that lets the requests in flight finish (serve_lifecycle.py; LitServe's own handling of
+SIGTERM is Python's default: the main process dies at once and its workers with it).
 """
 
-import multiprocessing
 import os
-import signal
 import socket
-import sys
-import threading
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -22,7 +18,6 @@ from picogpt_lightning.commands.generate import check_device
 from picogpt_lightning.errors import InputNotFound, UserError
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the interfaces LitServe binds to
-API_SERVER_PREFIX = "LitServer-"  # LitServe's name for its uvicorn processes
 
 
 def serve(
@@ -53,7 +48,7 @@ def serve(
         max_batch_size: requests that arrive together are decoded as one batch of up to this many.
         batch_timeout: seconds to wait for more requests to fill a batch once one has arrived.
         compile: compile the decode step (torch.compile); default: on CUDA only (on CPU a batch shape compiles for seconds).
-        queue_timeout: seconds a request may wait for its batch before it is answered 504.
+        queue_timeout: seconds a request may wait for its first token before it is answered 504.
         model_name: the name responses give as "model" (default: the checkpoint's file name).
         log_level: uvicorn's and LitServe's log level: debug, info, warning, error.
         max_prompt_tokens, max_tokens_cap: the longest prompt, in tokens, and the most max_tokens a request may ask
@@ -63,11 +58,13 @@ def serve(
     """
     import litserve as ls
 
+    from picogpt_lightning.commands.serve_lifecycle import Drain, run_until_stopped
     from picogpt_lightning.commands.serve_api import MAX_BODY_BYTES, CompletionsSpec, Limits
     from picogpt_lightning.commands.serve_worker import CompletionsAPI, load_model
 
     torch_device = check_flags(ckpt, host, port, device, max_batch_size, batch_timeout, queue_timeout)
-    limits = Limits(check_positive("max_prompt_tokens", max_prompt_tokens), check_positive("max_tokens_cap", max_tokens_cap))
+    limits = Limits(check_positive("max_prompt_tokens", max_prompt_tokens), check_positive("max_tokens_cap", max_tokens_cap),
+                    queue_timeout)
     _, tokenizer = load_model(ckpt, "cpu")  # a bad checkpoint gets its one-line error here, not a worker's traceback
     compile = torch_device.type == "cuda" if compile is None else compile
     name = model_name or Path(ckpt).name
@@ -77,30 +74,25 @@ def serve(
         api, accelerator="cuda" if torch_device.type == "cuda" else "cpu", devices=1, timeout=queue_timeout,
         max_payload_size=MAX_BODY_BYTES,
     )
-    configure_app(server.app, api_key, host, schema_pages)
-    stopping = threading.Event()
-    drain_on_sigterm(server, stopping)
-    exit_when_a_process_dies(stopping)
+    drain = Drain()
+    configure_app(server.app, api_key, host, schema_pages, drain)
     print(f"serving {name} at http://{host}:{port}/v1/completions and /v1/chat/completions", flush=True)
-    try:
-        server.run(host=host, port=port, log_level=log_level, generate_client_file=False)
-    except KeyboardInterrupt:  # a SIGTERM during start-up: nothing was in flight
-        pass
-    finally:
-        stopping.set()
+    run_until_stopped(server, drain, host=host, port=port, log_level=log_level, generate_client_file=False)
 
-
-def configure_app(app, api_key: Optional[str], host: str, schema_pages: bool) -> None:
-    """OpenAI's error shape for FastAPI's own errors (400 for a bad body), the API key and the schema pages."""
+def configure_app(app, api_key: Optional[str], host: str, schema_pages: bool, drain) -> None:
+    """OpenAI's error shape for FastAPI's own errors (400 for a bad body), the API key, the schema pages, and a
+    503 for requests that arrive while the server drains."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
     from picogpt_lightning.commands.serve_access import guard, resolve_api_key
     from picogpt_lightning.commands.serve_api import http_error, invalid_request
+    from picogpt_lightning.commands.serve_lifecycle import DrainGate
 
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, http_error)
     guard(app, resolve_api_key(api_key), host, schema_pages)
+    app.add_middleware(DrainGate, drain=drain)
 
 
 def check_flags(ckpt, host, port, device, max_batch_size, batch_timeout, queue_timeout):
@@ -136,55 +128,6 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as error:
             raise UserError(f"--port {port}: cannot listen on {host}:{port} ({error.strerror}); pick another port") from None
-
-
-def exit_when_a_process_dies(stopping: threading.Event, interval: float = 0.2) -> None:
-    """If an API server, the inference worker or LitServe's manager dies while serving, stop everything and exit
-    1 with one line, so a supervisor restarts the server: never a port that accepts connections no one answers."""
-    seen = {}
-
-    def watch():
-        while not stopping.wait(interval):
-            seen.update({child.pid: child for child in multiprocessing.active_children()})
-            dead = next((child for child in seen.values() if child.exitcode is not None), None)
-            # a Ctrl+C reaches the whole process group at once: give the main process's handler time to say so
-            if dead is not None and not stopping.wait(0.5):
-                print(f"error: serve's process {dead.name} (pid {dead.pid}) died with exit code {dead.exitcode}; "
-                      "stopping the server so that it can be restarted", file=sys.stderr, flush=True)
-                for child in seen.values():
-                    if child.exitcode is None:
-                        child.kill()
-                os._exit(1)
-
-    threading.Thread(target=watch, name="serve-watchdog", daemon=True).start()
-
-
-def drain_on_sigterm(server, stopping: threading.Event) -> None:
-    """On SIGTERM: stop the API servers the way uvicorn stops on its own SIGTERM (no new connections, the
-    open ones answered to their end, up to LitServe's graceful timeout), then shut LitServe down as for Ctrl+C."""
-    main_pid = os.getpid()
-
-    def handle(signum, frame):
-        if os.getpid() != main_pid:  # a forked child (LitServe's manager) inherited this handler: die as by default
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not interrupt the drain
-        stopping.set()  # the processes that end from here on are meant to
-        api_servers = [child for child in multiprocessing.active_children() if child.name.startswith(API_SERVER_PREFIX)]
-        for child in api_servers:
-            child.terminate()
-        for child in api_servers:
-            child.join(timeout=server.uvicorn_graceful_timeout + 5)
-        raise KeyboardInterrupt  # LitServer.run's own shutdown path: workers stopped, queues closed
-
-    def interrupt(signum, frame):
-        if os.getpid() == main_pid:
-            stopping.set()  # Ctrl+C: LitServe stops its processes, which the watchdog must not take for a failure
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, interrupt)
 
 
 if __name__ == "__main__":

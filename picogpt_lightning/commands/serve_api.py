@@ -66,6 +66,7 @@ class Limits:
 
     max_prompt_tokens: int = 8192
     max_tokens_cap: int = 4096
+    queue_timeout: float = 120.0  # seconds a request may wait for its first token
 
 
 class CompletionsSpec(LitSpec):
@@ -119,7 +120,12 @@ class CompletionsSpec(LitSpec):
             return refusal
         uid = uuid.uuid4().hex
         messages = self.worker_messages(uid, request)
-        first = await anext(messages)
+        try:  # bounded here: LitServe itself checks a request's age only when the worker takes it
+            first = await asyncio.wait_for(anext(messages), self.limits.queue_timeout)
+        except asyncio.TimeoutError:
+            await messages.aclose()  # the worker drops what it later makes for this request
+            message = f"the request waited {self.limits.queue_timeout:g} s for the model without starting; try again"
+            return JSONResponse(error_body(message, kind="server_error"), status_code=504)
         if "error" in first:
             await messages.aclose()
             return JSONResponse(first, status_code=first["error"].pop("status", 400))
