@@ -36,8 +36,11 @@ def to_hf(model: PicoGPT, bos_token_id=None, eos_token_id=None, pad_token_id=Non
 def from_hf(llama) -> PicoGPT:
     """A PicoGPT computing the same logits as a transformers LlamaForCausalLM."""
     config = picogpt_config(llama.config)
-    model = PicoGPT(config).to(llama.dtype)
-    model.load_state_dict(picogpt_state_dict(llama.state_dict(), config))
+    with torch.device("meta"):  # no random weights first: the copies below become the parameters
+        model = PicoGPT(config)
+    model.load_state_dict(picogpt_state_dict(llama.state_dict(), config), assign=True)
+    if config.tie_weights:  # assigning replaced the shared parameter by two
+        model.lm_head.weight = model.tok_embeddings.weight
     return model.eval()
 
 
