@@ -196,6 +196,15 @@ def read_file(path: str, mmap: bool = False) -> Any:
         ) from None
 
 
+def holds_entry(path, key: str) -> bool:
+    """Whether `path` is a checkpoint file with the entry `key` (a packed file's quantization, a merge's sources)."""
+    try:
+        contents = read_file(os.fspath(path), mmap=True)  # mapped: the weights are not read
+    except CheckpointError:
+        return False
+    return isinstance(contents, dict) and key in contents
+
+
 def model_state_dict(contents: dict) -> Dict[str, torch.Tensor]:
     """The trained model's tensors, without Lightning's `model.` or torch.compile's `_orig_mod.` prefixes."""
     state_dict = contents.get(STATE_DICT_KEY, contents)
