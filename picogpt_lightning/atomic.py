@@ -261,6 +261,7 @@ def exclusive_writer(path):
     one result silently lost; a lock whose writer on this machine is dead (SIGKILLed) is taken over."""
     target = Path(path).absolute()
     lock = target.parent / f".{target.name}.lock"
+    created = [parent for parent in reversed([target.parent, *target.parent.parents]) if not parent.exists()]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         descriptor = take_lock(lock, path)
@@ -278,6 +279,12 @@ def exclusive_writer(path):
     finally:
         with contextlib.suppress(OSError):
             os.remove(lock)
+        if not os.path.lexists(target):  # nothing written: the folders made for it go too, while empty
+            for parent in reversed(created):
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
 
 
 def take_lock(lock: Path, path) -> int:

@@ -190,3 +190,10 @@ def test_overwrite_replaces_an_earlier_output_of_the_same_command(workdir, monke
     main(COMMANDS["export"] + ["--overwrite", "true"])
     assert not (workdir / "out" / "stale.txt").exists() and (workdir / "out" / OUTPUT_MARKER).is_file()
     assert not [name for name in names(workdir) if name.startswith(".")]
+
+
+def test_a_refused_write_leaves_no_folder_it_made(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    line = main_error(["quantize", "--ckpt", "missing.ckpt", "--method", "nf4", "--out", "new/deeper/out.ckpt"],
+                      workdir, monkeypatch)
+    assert "missing.ckpt" in line and not (workdir / "new").exists()
