@@ -64,6 +64,11 @@ def _handle(signum: int, frame) -> None:
         raise Interrupted(signum)
 
 
+def launched_rank() -> bool:
+    """A DDP rank other than the first (its stderr is the same terminal's)."""
+    return any(os.environ.get(name, "0") not in ("", "0") for name in ("RANK", "LOCAL_RANK"))
+
+
 def exit_now(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -134,7 +139,7 @@ def exits_on_signals():
     except Interrupted as interrupted:
         if not outermost:
             raise
-        if not state.announced:
+        if not state.announced and not launched_rank():  # one line per command: rank 0's
             name = signal.Signals(interrupted.signum).name
             print(f"{name}: stopped (exit {128 + interrupted.signum})", file=sys.stderr, flush=True)
         raise SystemExit(128 + interrupted.signum) from None
