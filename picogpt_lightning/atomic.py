@@ -63,8 +63,9 @@ def write_atomically(path: str, write) -> None:
             write(file)
             raw.flush()
             os.fsync(raw.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        with signals_held():  # a signal here would leave the new file published and its writer reporting failure
+            os.replace(tmp, path)
+            tmp = None
         sync_directory(directory)  # the rename itself, on disk
     except OSError as error:
         raise write_error(path, error) from None
@@ -247,3 +248,59 @@ def os_error(error: BaseException):
         number = int(match.group(1) or match.group(2))
         return OSError(number, os.strerror(number))
     return None
+
+
+class WriterBusy(UserError):
+    """Another process is writing the same output right now."""
+
+
+@contextlib.contextmanager
+def exclusive_writer(path):
+    """Holds `path` for this process alone while the block writes it: a hidden `.<name>.lock` beside it, created
+    with O_EXCL and naming its writer. A second writer is refused in one line instead of both "writing" it and
+    one result silently lost; a lock whose writer on this machine is dead (SIGKILLed) is taken over."""
+    target = Path(path).absolute()
+    lock = target.parent / f".{target.name}.lock"
+    created = [parent for parent in reversed([target.parent, *target.parent.parents]) if not parent.exists()]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = take_lock(lock, path)
+    except OSError as error:
+        raise write_error(path, error) from None
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(writer_tag())
+    except OSError as error:  # a full disk: the lock goes, and the write is refused in one line
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+        raise write_error(path, error) from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+        if not os.path.lexists(target):  # nothing written: the folders made for it go too, while empty
+            for parent in reversed(created):
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+
+
+def take_lock(lock: Path, path) -> int:
+    for _ in range(3):
+        try:
+            return os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = lock.read_text().strip()
+            except FileNotFoundError:
+                continue  # its writer just finished
+            pid, _, host = owner.partition("-")
+            if pid.isdigit() and host == writer_tag().partition("-")[2] and not process_running(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(lock)  # left by a writer that was killed
+                continue
+            raise WriterBusy(f"{path} is being written by another process ({owner or 'starting'}, lock {lock}); "
+                             "wait for it to finish or choose another --out") from None
+    raise WriterBusy(f"{path}: could not take its lock {lock}; retry, or choose another --out")

@@ -158,7 +158,19 @@ def load(path) -> Checkpoint:
             raise CheckpointError(f"{path} holds a model config this version cannot read: {error}") from None
     if LORA_KEY in contents:  # a LoRA run keeps its adapters only: fold them into the base it names
         state_dict = fold_adapters(path, contents[LORA_KEY], state_dict)
+    check_finite(path, state_dict)
     return Checkpoint(path, state_dict, config, contents.get(TOKENIZER_KEY), contents)
+
+
+def check_finite(path: str, state_dict: Dict[str, torch.Tensor]) -> None:
+    """Weights holding NaN or infinity (a diverged run, a damaged file) would generate garbage without a word."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{path}: tensor {name} holds {bad} NaN or infinite value(s) of {tensor.numel()}; the run diverged or "
+                "the file is damaged: use an earlier checkpoint"
+            )
 
 
 def lora_base(path: str, entry: dict) -> "Checkpoint":
@@ -227,6 +239,15 @@ def read_file(path: str, mmap: bool = False) -> Any:
         raise CheckpointError(
             f"cannot read checkpoint {path} ({type(error).__name__}); it may be truncated or corrupted"
         ) from None
+
+
+def holds_entry(path, key: str) -> bool:
+    """Whether `path` is a checkpoint file with the entry `key` (a packed file's quantization, a merge's sources)."""
+    try:
+        contents = read_file(os.fspath(path), mmap=True)  # mapped: the weights are not read
+    except CheckpointError:
+        return False
+    return isinstance(contents, dict) and key in contents
 
 
 def model_state_dict(contents: dict) -> Dict[str, torch.Tensor]:

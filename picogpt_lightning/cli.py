@@ -21,6 +21,7 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 from picogpt_lightning.errors import UserError, first_line
+from picogpt_lightning.stop_signals import exits_on_signals
 from picogpt_lightning.textfiles import config_paths, read_text
 
 LIGHTNING_SUBCOMMANDS = {
@@ -39,6 +40,7 @@ COMMANDS: Dict[str, tuple] = {
     "merge": ("merge", "merge"),
     "prepare": ("prepare", "prepare"),
 }
+OWN_SIGNAL_HANDLING = ("serve",)  # drains its requests on SIGTERM
 
 
 def command_function(name: str) -> Callable:
@@ -53,7 +55,11 @@ def run_command(name: str, args: List[str]) -> None:
         read_text(path, "config")
     function = command_function(name)
     args = join_list_flags(args, getattr(inspect.getmodule(function), "LIST_FLAGS", ()))
-    CLI(function, args=args, prog=f"python -m picogpt_lightning {name}", as_positional=False)
+    if name in OWN_SIGNAL_HANDLING:
+        CLI(function, args=args, prog=f"python -m picogpt_lightning {name}", as_positional=False)
+        return
+    with exits_on_signals():  # SIGTERM/SIGINT/SIGHUP: one line, exit 128 + the signal, what was being written removed
+        CLI(function, args=args, prog=f"python -m picogpt_lightning {name}", as_positional=False)
 
 
 def join_list_flags(args: List[str], flags) -> List[str]:

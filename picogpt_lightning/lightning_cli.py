@@ -116,6 +116,7 @@ class PicoGPTCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
             logger = self.config.fit.trainer.get("logger")
+            resume.check_version_free(self.config.fit.get("ckpt_path"), logger)  # another run's folder is never reused
             resume.continue_version(self.config.fit.get("ckpt_path"), logger)  # a resumed run writes where it lives
             self.claimed = claim_version_directory(logger)
 
@@ -124,6 +125,8 @@ class PicoGPTCLI(LightningCLI):
         check_stage_data(self.subcommand, self.datamodule, self.model)  # validate/test/predict: their loader
         if self.subcommand == "fit":  # the same settings as the checkpoint's, or one line naming each difference
             resume.check_resume(self.config.fit.get("ckpt_path"), self.model, self.datamodule)
+            # before the Trainer and its logger exist: a refused resume changes nothing (config.yaml included)
+            resume.check_steps_left(self.config.fit.get("ckpt_path"), self.config.fit.trainer.get("max_steps"))
         try:
             plugins = with_atomic_checkpoint_io(self._get(self.config_init, "trainer", default={}).get("plugins"))
             trainer = super().instantiate_trainer(**{"plugins": plugins, **kwargs})  # every checkpoint written atomically

@@ -89,10 +89,50 @@ def continue_version(ckpt_path, logger_config) -> Optional[int]:
     if directory.name != "checkpoints" or match is None or directory.parent.parent != root.resolve():
         return None
     logger_config.init_args["version"] = int(match.group(1))
-    # ModelCheckpoint warns of any non-empty directory it will write to: this one holds the run being resumed
+    expect_own_checkpoints(directory)
+    return logger_config.init_args["version"]
+
+
+def expect_own_checkpoints(directory: Path) -> None:
+    """ModelCheckpoint warns of any non-empty directory it will write to: this one holds the run being resumed."""
     name = re.escape(os.path.join(directory.parent.name, directory.name))
     warnings.filterwarnings("ignore", message=rf"Checkpoint directory .*{name} exists and is not empty")
-    return logger_config.init_args["version"]
+
+
+def check_version_free(ckpt_path, logger_config) -> None:
+    """An explicit logger version whose folder already holds a run is refused, unless this run resumes a checkpoint
+    of that folder: the new run would replace its config.yaml, last.ckpt and best.ckpt."""
+    root = run_root(logger_config)
+    version = logger_config.init_args.get("version") if root is not None else None
+    if version is None or any(int(os.environ.get(v, 0)) for v in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+        return  # DDP ranks other than 0 share the folder rank 0 has made
+    directory = root / (version if isinstance(version, str) else f"version_{version}")
+    if not directory.is_dir() or not any(directory.iterdir()):
+        return
+    if isinstance(ckpt_path, (str, os.PathLike)) and os.path.isfile(ckpt_path):
+        if directory.resolve() in Path(ckpt_path).resolve().parents:
+            expect_own_checkpoints(Path(ckpt_path).resolve().parent)
+            return  # resuming the run that lives there
+    raise UserError(
+        f"--trainer.logger.init_args.version {version}: {directory} already holds a run, which this one would "
+        f"overwrite; resume it with --ckpt_path {directory / 'checkpoints' / 'last.ckpt'}, choose another version, "
+        "or leave version unset (a new run takes the next free one)"
+    )
+
+
+def check_steps_left(ckpt_path, max_steps) -> None:
+    """Resuming a checkpoint at or past max_steps would train nothing, yet rewrite the run's config.yaml: refused."""
+    if not isinstance(ckpt_path, (str, os.PathLike)) or not os.path.isfile(ckpt_path):
+        return
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 0:
+        return  # -1 or unset: no limit by steps
+    stored = checkpoints.read_file(os.fspath(ckpt_path), mmap=True)  # mapped: the weights are not read
+    step = stored.get("global_step") if isinstance(stored, dict) else None
+    if isinstance(step, int) and max_steps <= step:
+        raise UserError(
+            f"--trainer.max_steps {max_steps} is at or below the step of {ckpt_path} ({step}), so resuming would train "
+            f"nothing; give a max_steps above {step} to train on, or use the checkpoint as it is"
+        )
 
 
 # ---- what a resumed run trains --------------------------------------------------------------

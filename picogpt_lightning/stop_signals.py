@@ -1,12 +1,15 @@
-"""SIGTERM and SIGINT as cluster schedulers expect them: a non-zero exit within seconds, in every phase.
+"""SIGTERM, SIGINT and SIGHUP as cluster schedulers expect them: a non-zero exit within seconds, in every phase.
 
 SLURM and Kubernetes send SIGTERM, wait 30 s, then SIGKILL. While training runs, `InterruptCheckpoint`
 stops at the next optimizer step or validation batch and saves (it calls `defer`). Everywhere else
 (start-up, the sanity check, validate, test, predict, between pipeline stages) there is nothing
 worth saving, so the signal ends the command at once, as `Interrupted`. Either way the exit status
-is 128 + the signal: 143 for SIGTERM, 130 for SIGINT. A Ctrl+C after any signal exits 130 at once.
+is 128 + the signal: 143 for SIGTERM, 130 for SIGINT, 129 for SIGHUP (a closed terminal, handled as
+SIGTERM). A Ctrl+C after any signal exits 130 at once. A command that ends on a signal without
+having saved says so in one line; whatever it was writing is removed as the signal unwinds it
+(atomic.py), so nothing partial is left.
 
-    with exits_on_signals():   # run_lightning and the pipeline: SystemExit(128 + signal) on a signal
+    with exits_on_signals():   # every command that runs: SystemExit(128 + signal) on a signal
         ...
 """
 
@@ -19,7 +22,8 @@ from typing import Callable, List, Optional
 
 from picogpt_lightning.errors import first_line
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+STOPPING = tuple(s for s in SIGNALS if s != signal.SIGINT)  # passed on to DDP ranks (a Ctrl+C reaches them itself)
 
 
 class Interrupted(BaseException):
@@ -40,6 +44,7 @@ class _State:
         self.stopping: Optional[int] = None  # the signal the command ends with: this rank's, or another rank's
         self.deferred = False  # training: InterruptCheckpoint stops at the next step or validation batch
         self.forward: List[Callable[[int], None]] = []  # pass SIGTERM on to the DDP ranks this process started
+        self.announced = False  # the command has printed its own line about the signal (a training run's save)
 
 
 state = _State()
@@ -52,11 +57,16 @@ def _handle(signum: int, frame) -> None:
             exit_now(128 + signal.SIGINT)
         return  # a repeated SIGTERM: the stop under way goes on
     state.received = state.stopping = signum
-    if signum == signal.SIGTERM:  # a Ctrl+C reaches the terminal's whole process group by itself
+    if signum in STOPPING:  # a Ctrl+C reaches the terminal's whole process group by itself
         for forward in state.forward:
             forward(signum)
     if not state.deferred:
         raise Interrupted(signum)
+
+
+def launched_rank() -> bool:
+    """A DDP rank other than the first (its stderr is the same terminal's)."""
+    return any(os.environ.get(name, "0") not in ("", "0") for name in ("RANK", "LOCAL_RANK"))
 
 
 def exit_now(code: int) -> None:
@@ -129,6 +139,9 @@ def exits_on_signals():
     except Interrupted as interrupted:
         if not outermost:
             raise
+        if not state.announced and not launched_rank():  # one line per command: rank 0's
+            name = signal.Signals(interrupted.signum).name
+            print(f"{name}: stopped (exit {128 + interrupted.signum})", file=sys.stderr, flush=True)
         raise SystemExit(128 + interrupted.signum) from None
     except Exception as error:
         if not outermost or state.received is None:

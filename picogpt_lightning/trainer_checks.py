@@ -5,9 +5,11 @@ traceback (accumulate_grad_batches 0, val_check_interval 0), and runs others wro
 a word: a negative gradient_clip_val multiplies every gradient by a negative factor (the step
 climbs the loss), and a val_check_interval (counted in batches) past the run's last batch never
 validates, so no best.ckpt is ever chosen. Each is refused here in one line naming the flag and
-the fix; the refusals Lightning can make only once a stage runs become one line too.
+the fix (a val_check_interval past a shortened run's end instead validates at its last step,
+saying so in one line); the refusals Lightning can make only once a stage runs become one line too.
 """
 
+import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Optional
 
@@ -87,12 +89,11 @@ def check_validation_interval(subcommand: str, trainer: Mapping[str, Any]) -> No
     # with check_val_every_n_epoch null the interval counts batches over the whole run
     max_steps, accumulate = trainer.get("max_steps", -1), trainer.get("accumulate_grad_batches", 1)
     if is_int(max_steps) and max_steps > 0 and interval > max_steps * accumulate:
-        raise TrainerArgumentError(
-            f"--trainer.val_check_interval {interval} (training batches) is past the run's last batch "
-            f"(max_steps {max_steps} x accumulate_grad_batches {accumulate} = {max_steps * accumulate}): it would never "
-            f"validate, and no best.ckpt would be kept; give a val_check_interval <= {max_steps * accumulate}, "
-            "or limit_val_batches 0 to train without validation"
-        )
+        # a recipe shortened with --trainer.max_steps (Lightning would never validate, and keep no best.ckpt):
+        # it runs, validating at its last step, as nanoGPT's and Lightning's shortened runs do
+        trainer["val_check_interval"] = max_steps * accumulate
+        print(f"note: --trainer.val_check_interval {interval} is past the run's last step ({max_steps}); "
+              f"validating at step {max_steps} instead", file=sys.stderr, flush=True)
 
 
 def check_stage_data(subcommand: str, datamodule, model) -> None:

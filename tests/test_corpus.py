@@ -297,7 +297,7 @@ def test_overwrite_replaces_only_an_earlier_store(tmp_path):
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
     message = one_line_error("prepare", "--source", source, "--out", str(other), "--overwrite", "true")
-    assert "not a token store" in message and (other / "notes.txt").read_text() == "keep me"
+    assert "replaces only an earlier output of this command" in message and (other / "notes.txt").read_text() == "keep me"
     store = tmp_path / "store"
     main(["prepare", "--source", source, "--out", str(store)])
     assert "already exists" in one_line_error("prepare", "--source", source, "--out", str(store))

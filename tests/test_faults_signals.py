@@ -159,6 +159,18 @@ def test_sigterm_with_a_long_validation_exits_143_within_the_grace_period_and_re
     assert steps == list(range(step + 1, 13))  # it continued from the saved step to the end
 
 
+def test_sighup_during_training_saves_the_step_as_sigterm_does(corpus_path, tmp_path):
+    # a closed terminal (or `kill -HUP`) would otherwise lose the steps since the last save
+    config = write_config(tmp_path, corpus_path, limit_val_batches=0, max_steps=30)
+    run = Run(["fit", "--config", str(config), *marks(train_pause=0.3)], cwd=tmp_path)
+    run.wait_for(r"phase: train step 2$")
+    status, _ = run.signal_and_wait(signal.SIGHUP)
+    assert status == 129, run.stderr
+    step = int(re.search(r"SIGHUP: saved step (\d+) ", run.stderr).group(1))
+    assert checkpoints.load(tmp_path / f"runs/tiny/version_0/checkpoints/last.ckpt").global_step == step
+    assert "stopped" not in run.stderr and "Traceback" not in run.stderr  # the save's line is the one line
+
+
 # ---- every other phase: nothing to save, a non-zero exit at once --------------------------------
 
 

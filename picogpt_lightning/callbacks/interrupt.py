@@ -1,4 +1,4 @@
-"""SIGTERM or SIGINT during training: save the step, say how to resume, exit 128 + the signal."""
+"""SIGTERM, SIGINT or SIGHUP during training: save the step, say how to resume, exit 128 + the signal."""
 
 import os
 import signal
@@ -110,6 +110,7 @@ class InterruptCheckpoint(Callback):
                 callback.save_now(trainer)  # before Lightning's own hooks: they may never run after this step
         seconds = time.monotonic() - start
         self.saved_path, self.exit_code = path, 128 + signum
+        stop_signals.state.announced = True  # the line below says what happened
         stop_signals.stop(signum)  # a run that returns normally from here still exits 128 + signum
         resume = self.resume_command(path) if self.resume_command else f"trainer.fit(..., ckpt_path={path!r})"
         if trainer.is_global_zero:

@@ -8,7 +8,7 @@ import torch
 
 from picogpt_lightning import PicoGPT, checkpoints
 from picogpt_lightning.atomic import write_directory_atomically
-from picogpt_lightning.commands.outputs import check_output
+from picogpt_lightning.commands.outputs import write_marker, writing_output
 from picogpt_lightning.gguf_export import write_gguf
 from picogpt_lightning.hf import llama_config, save_pretrained
 from picogpt_lightning.hf_adapter import save_lora_export
@@ -18,12 +18,18 @@ from picogpt_lightning.tokenizer import Tokenizer
 
 def export_gguf(checkpoint_path: str, path: str, gguf_type: str = "f16", overwrite: bool = False) -> tuple:
     """A checkpoint of this project (packed ones dequantized, a LoRA run's folded) -> one GGUF file for llama.cpp."""
-    check_output(path, overwrite, inputs=[checkpoint_path])
-    checkpoint = checkpoints.load(checkpoint_path)  # a LoRA run's comes back folded
-    model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval(), Tokenizer.from_checkpoint(checkpoint)
-    with torch.no_grad():
-        write_gguf(model, tokenizer, path, gguf_type)
+    with writing_output(path, overwrite, inputs=[checkpoint_path], written_here=is_gguf):
+        checkpoint = checkpoints.load(checkpoint_path)  # a LoRA run's comes back folded
+        model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval(), Tokenizer.from_checkpoint(checkpoint)
+        with torch.no_grad():
+            write_gguf(model, tokenizer, path, gguf_type)
     return model, tokenizer
+
+
+def is_gguf(path) -> bool:
+    """An earlier GGUF export, which --overwrite may replace: the format's magic bytes open the file."""
+    with open(path, "rb") as file:
+        return file.read(4) == b"GGUF"
 
 
 def export_checkpoint(checkpoint_path: str, directory: str, overwrite: bool = False, merge_adapters: bool = False) -> bool:
@@ -31,7 +37,11 @@ def export_checkpoint(checkpoint_path: str, directory: str, overwrite: bool = Fa
 
     A LoRA run's checkpoint gives its base and, in `directory`/adapter, the adapter in peft's format;
     with `merge_adapters`, the one model with the adapters folded in instead. True when an adapter was written."""
-    check_output(directory, overwrite, inputs=[checkpoint_path], directory=True)
+    with writing_output(directory, overwrite, inputs=[checkpoint_path], directory=True):
+        return write_hf_directory(checkpoint_path, directory, merge_adapters)
+
+
+def write_hf_directory(checkpoint_path: str, directory: str, merge_adapters: bool) -> bool:
     checkpoint = checkpoints.load(checkpoint_path)  # a LoRA run's comes back folded
     checkpoints.require_unquantized(checkpoint, "a Hugging Face export")
     model, tokenizer = PicoGPT.from_checkpoint(checkpoint).eval(), Tokenizer.from_checkpoint(checkpoint)
@@ -43,8 +53,12 @@ def export_checkpoint(checkpoint_path: str, directory: str, overwrite: bool = Fa
         adapters = checkpoints.model_state_dict(checkpoint.contents)
         settings = LoraSettings.from_dict(entry["settings"])
         write = lambda staging: save_lora_export(staging, base_state, adapters, model.config, settings, tokenizer)  # noqa: E731
+    def write_marked(staging: str) -> None:
+        write(staging)
+        write_marker(staging, "export")  # what --overwrite looks for before it replaces the directory
+
     with no_transformers_progress_bar():
-        write_directory_atomically(directory, write)
+        write_directory_atomically(directory, write_marked)
     return entry is not None and not merge_adapters
 
 
@@ -72,7 +86,7 @@ def export(
     Args:
         ckpt: a checkpoint written by training (model config and tokenizer inside); the model must use mlp="swiglu".
         out: the directory to create (hf; AutoModelForCausalLM and AutoTokenizer.from_pretrained(out) load it offline), or the .gguf file (gguf).
-        overwrite: replace out if it already exists.
+        overwrite: replace out if it is an earlier export (never a folder or file of anything else).
         merge_adapters: for a LoRA run's checkpoint, write one model with the adapters folded in; by
             default the base is written to out and the adapter, in peft's format, to out/adapter (a GGUF file always holds them folded).
         format: "hf" (a transformers directory) or "gguf" (one file that llama.cpp, Ollama and llama-cpp-python run).

@@ -3,7 +3,7 @@
 from typing import Dict, List, Literal, Union
 
 from picogpt_lightning import PicoGPT, checkpoints
-from picogpt_lightning.commands.outputs import check_output
+from picogpt_lightning.commands.outputs import writing_output
 from picogpt_lightning.merge import MergeSchedule, check_schedule, lerp, slerp, slerp_state_dicts
 from picogpt_lightning.tokenizer import Tokenizer
 
@@ -16,7 +16,12 @@ def merge_checkpoints(path_a: str, path_b: str, out: str, t: MergeSchedule, over
     so `generate`, `export` and `fit --model.init_args.init_from` read it.
     """
     check_schedule(t)  # before reading two files
-    check_output(out, overwrite, inputs=[path_a, path_b])
+    merged_file = lambda path: checkpoints.holds_entry(path, "merged_from")  # noqa: E731
+    with writing_output(out, overwrite, inputs=[path_a, path_b], written_here=merged_file):
+        write_merge(path_a, path_b, out, t, interpolate)
+
+
+def write_merge(path_a: str, path_b: str, out: str, t: MergeSchedule, interpolate) -> None:
     first, second = checkpoints.load(path_a), checkpoints.load(path_b)
     for checkpoint in (first, second):
         checkpoints.require_unquantized(checkpoint, "merging (interpolating packed codes is meaningless)")
@@ -53,7 +58,7 @@ def merge(
         out: the merged checkpoint to write (config, tokenizer and weights; generate, export and fit's init_from read it).
         t: how far from a towards b: a number; a list spread over the blocks (first value at block 0, last at the last block; the weights outside the blocks take the first, as in mergekit); or a dict of those per kind, {"attention": ..., "mlp": ..., "default": ...}. Per-kind schedules read best from a YAML file given with --config.
         method: "slerp" (spherical) or "linear" (plain (1 - t) a + t b, for comparison).
-        overwrite: replace out if it already exists.
+        overwrite: replace out if it is an earlier merge (never another kind of file).
     """
     merge_checkpoints(a, b, out, t, overwrite=overwrite, interpolate=slerp if method == "slerp" else lerp)
     print(f"wrote {out}: {method} of {a} (t = 0) and {b} (t = 1) at t = {t}")

@@ -1,18 +1,27 @@
-"""The check every command that writes a file or directory makes before it reads anything."""
+"""The check every command that writes a file or directory makes before it reads anything, and the hold it keeps
+on the output while it writes."""
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator, Optional
 
+from picogpt_lightning.atomic import exclusive_writer, recover_directory, remove_stale_temporaries
 from picogpt_lightning.errors import UserError
 
+OUTPUT_MARKER = ".picogpt-output"  # in a directory a command wrote: --overwrite may replace it, and nothing else
 
-def check_output(out, overwrite: bool, inputs: Iterable = (), directory: bool = False) -> None:
+
+def check_output(out, overwrite: bool, inputs: Iterable = (), directory: bool = False,
+                 written_here: Optional[Callable[[Path], bool]] = None) -> None:
     """Refuses, in one line, an `out` that already exists (unless `overwrite`) or that would replace an input.
 
     An output that is one of the command's inputs, or a directory holding one, is refused even
     with `overwrite`: replacing it would destroy what is being read. So is the working directory
     or one above it, which a command replaces by moving it aside. A directory output
-    (`directory=True`) may be an existing empty directory.
+    (`directory=True`) may be an existing empty directory. `--overwrite` replaces only an earlier
+    output of the same command: `written_here(path)` says whether `out` is one (a directory: its
+    OUTPUT_MARKER), so a folder or file of anything else is never deleted.
     """
     target = Path(out).resolve()
     for source in inputs:
@@ -32,3 +41,34 @@ def check_output(out, overwrite: bool, inputs: Iterable = (), directory: bool = 
         raise UserError(f"--out {out} is a directory; name the file to write")
     if not overwrite:
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite true")
+    if written_here is None:
+        written_here = has_marker if directory else (lambda path: True)
+    if not written_here(target):
+        what = "a folder of other files" if target.is_dir() else "a file this command did not write"
+        raise UserError(f"--out {out} is {what}; --overwrite replaces only an earlier output of this command, "
+                        "so choose another --out")
+
+
+def has_marker(directory: Path) -> bool:
+    return (directory / OUTPUT_MARKER).is_file()
+
+
+def write_marker(directory: str, command: str) -> None:
+    """The OUTPUT_MARKER in a directory being written (its staging directory, renamed whole into place)."""
+    with open(os.path.join(directory, OUTPUT_MARKER), "w") as file:  # inside a staging directory fsynced whole
+        file.write(f'{{"written_by": "python -m picogpt_lightning {command}"}}\n')
+
+
+@contextmanager
+def writing_output(out, overwrite: bool, inputs: Iterable = (), directory: bool = False,
+                   written_here: Optional[Callable[[Path], bool]] = None) -> Iterator[None]:
+    """check_output under a lock on `out` held until the block ends: of two writers of one output one is refused.
+    What a SIGKILLed writer of `out` left behind (temporary files, staging folders) is cleared first."""
+    inputs = list(inputs)
+    check_output(out, overwrite, inputs, directory, written_here)  # the cheap refusals before any file is made
+    with exclusive_writer(out):
+        target = Path(out).absolute()
+        remove_stale_temporaries(str(target))
+        recover_directory(target)
+        check_output(out, overwrite, inputs, directory, written_here)  # again: another writer may have finished
+        yield

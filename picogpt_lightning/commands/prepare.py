@@ -5,7 +5,7 @@ import time
 from typing import List, Optional, Union
 
 from picogpt_lightning.stop_signals import exits_on_signals
-from picogpt_lightning.commands.outputs import check_output
+from picogpt_lightning.commands.outputs import writing_output
 from picogpt_lightning.corpus import TokenStore, is_store, prepare_store
 from picogpt_lightning.errors import UserError
 
@@ -54,10 +54,12 @@ def prepare(
     """
     if os.path.lexists(out) and (os.path.islink(out) or not os.path.isdir(out)):
         raise UserError(f"--out {out} is a file; a store is a directory: choose another --out")
-    check_output(out, overwrite, inputs=[source] if isinstance(source, str) else source, directory=True)
-    if overwrite and os.path.isdir(out) and any(os.scandir(out)) and not is_store(out):
-        raise UserError(f"--out {out} holds files that are not a token store; --overwrite replaces only a store, so "
-                        "choose another --out")
+    inputs = [source] if isinstance(source, str) else source
+    with writing_output(out, overwrite, inputs=inputs, directory=True, written_here=is_store):  # one writer at a time
+        prepare_locked(source, out, tokenizer, vocab_size, text_field, val_fraction, workers)
+
+
+def prepare_locked(source, out, tokenizer, vocab_size, text_field, val_fraction, workers) -> None:
     if workers is not None:
         if isinstance(workers, bool) or workers < 1:
             raise UserError(f"--workers must be a positive int, got {workers!r}")

@@ -8,7 +8,7 @@ import os
 from typing import Literal
 
 from picogpt_lightning import PicoGPT, checkpoints
-from picogpt_lightning.commands.outputs import check_output
+from picogpt_lightning.commands.outputs import writing_output
 from picogpt_lightning.errors import UserError
 from picogpt_lightning.quant import QUANTIZATION_METHODS, build_packed_layers
 from picogpt_lightning.quant.int_weights import INT4_DEFAULT_GROUP_SIZE
@@ -29,7 +29,14 @@ def quantize_checkpoint(
     if method not in QUANTIZATION_METHODS:
         raise UserError(f"quantization method must be one of {QUANTIZATION_METHODS}, got {method!r}")
     quantization = quantization_entry(method, block_size, double_quant, group_size)
-    check_output(out, overwrite, inputs=[source.path if isinstance(source, checkpoints.Checkpoint) else source])
+    source_path = source.path if isinstance(source, checkpoints.Checkpoint) else source
+    packed_file = lambda path: checkpoints.holds_entry(path, checkpoints.QUANTIZATION_KEY)  # noqa: E731
+    with writing_output(out, overwrite, inputs=[source_path], written_here=packed_file):
+        write_quantized(source, out, method, quantization)
+    return quantization
+
+
+def write_quantized(source, out, method: str, quantization: dict) -> None:
     checkpoint = checkpoints.load(source)
     checkpoints.require_unquantized(checkpoint, "quantization again")
     config = checkpoint.resolve_config()
@@ -48,7 +55,6 @@ def quantize_checkpoint(
     if checkpoint.tokenizer_dict is not None:
         extra[checkpoints.TOKENIZER_KEY] = checkpoint.tokenizer_dict
     checkpoints.save_quantized(out, model, quantization, **extra)
-    return quantization
 
 
 def quantization_entry(method: str, block_size: int, double_quant: bool, group_size: int) -> dict:
@@ -81,7 +87,7 @@ def quantize(
         out: the file to write.
         block_size: NF4 only: weights per absmax constant.
         double_quant: NF4 only: store the absmax constants in 8 bits as well (QLoRA's double quantization).
-        overwrite: replace out if it already exists.
+        overwrite: replace out if it is an earlier packed file (never another kind of file).
         group_size: int4 only: inputs per scale and zero point (32, 64, 128 or 256).
     """
     quantization = quantize_checkpoint(

@@ -27,8 +27,13 @@ def make_cache(model, cache_implementation: Optional[str], batch: int, max_lengt
 
 
 class CachedScorer:
-    """Next-token logits over a KV cache: the prompt in one eager pass (its length varies from
-    call to call), then one `decode_step` per token.
+    """Next-token logits over a KV cache: the prompt in eager passes of at most block_size tokens
+    (its length varies from call to call), then one `decode_step` per token.
+
+    A prompt past block_size goes through the cache a window at a time: each pass attends over
+    at most 2 x block_size keys, so prefill's memory and work per token are bounded by the window,
+    never by the prompt (one pass over a 1 MB prompt would build a (T, T) mask). Every query sees
+    the same keys as in one pass, as the window slides; a prompt within block_size is one pass.
 
     `decode_step` is `next_token_logits` or a compiled copy of it (`compiled.py`): over a
     static cache it has the same shapes every step, so it compiles once.
@@ -45,9 +50,14 @@ class CachedScorer:
         batch, length = sequences.shape
         device = sequences.device
         self.cache = make_cache(self.model, self.cache_implementation, batch, self.max_length, device)
-        self.length = length
-        positions = torch.arange(length, device=device)
-        return next_token_logits(self.model, sequences, positions, self.mask_for(attention_mask), self.cache)
+        chunk = self.model.config.block_size
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            self.length = end
+            mask = None if attention_mask is None else attention_mask[:, :end]
+            positions = torch.arange(start, end, device=device)
+            logits = next_token_logits(self.model, sequences[:, start:end], positions, self.mask_for(mask), self.cache)
+        return logits
 
     def decode_one_token(self, sequences: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits after the sequences' one token the cache has not seen yet."""

@@ -14,6 +14,10 @@ DEFAULTS = dict(
     num_beams=1, num_return_sequences=1, length_penalty=1.0, early_stopping=False, use_cache=True,
     disable_compile=False,
 )
+# below this a temperature or repetition penalty divides logits past float32's range (1e-300 is 0 in float32)
+MIN_DIVISOR = 1e-30
+# a top_p below float32's resolution is 0 to the nucleus's cumulative sum of probabilities
+MIN_TOP_P = float(torch.finfo(torch.float32).eps)
 # cache_implementation: None (or "dynamic") is the growing cache, "static" the preallocated one
 CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
 
@@ -81,12 +85,25 @@ def validate_options(model_config, config: GenerationConfig) -> None:
             raise UserError(
                 f"temperature must be > 0 when sampling, got {config.temperature!r} (use do_sample=False for greedy)"
             )
+        if not MIN_DIVISOR <= config.temperature < float("inf"):
+            raise UserError(
+                f"temperature {config.temperature!r} is outside what float32 logits can be divided by "
+                f"[{MIN_DIVISOR:g}, inf); use do_sample=False for greedy (the limit of a temperature near 0)"
+            )
         if config.top_k is not None and (not isinstance(config.top_k, int) or config.top_k < 0):
             raise UserError(f"top_k must be a non-negative integer (0 or None: no top-k), got {config.top_k!r}")
         if config.top_p is not None and not 0.0 <= config.top_p <= 1.0:
             raise UserError(f"top_p must be in [0, 1], got {config.top_p!r}")
+        if config.top_p is not None and 0.0 < config.top_p < MIN_TOP_P:
+            raise UserError(
+                f"top_p {config.top_p!r} is below float32's resolution ({MIN_TOP_P:.1e}); use top_p >= {MIN_TOP_P:.1e}, "
+                "or top_k=1 for the most likely token"
+            )
     if not config.repetition_penalty > 0:
         raise UserError(f"repetition_penalty must be > 0 (1.0: no penalty), got {config.repetition_penalty!r}")
+    if not MIN_DIVISOR <= config.repetition_penalty <= 1 / MIN_DIVISOR:
+        raise UserError(f"repetition_penalty {config.repetition_penalty!r} is outside what float32 logits can be "
+                        f"scaled by [{MIN_DIVISOR:g}, {1 / MIN_DIVISOR:g}]; 1.0 is no penalty")
     for name in ("num_beams", "num_return_sequences"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:

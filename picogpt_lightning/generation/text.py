@@ -65,18 +65,25 @@ def generate_texts(
     return decode_outputs(tokenizer, outputs, attention_mask, eos)
 
 
+PROMPT_CONTEXT = 4  # prompt tokens decoded before the first new one when the prompt is not shown
+
+
 class TextStream:
     """A streamer (generate's `put`/`end`) that hands each new piece of text to `write` as tokens come.
 
     One sequence: the prompt arrives first (shown too, with `show_prompt`), then each step's token.
-    The whole text is decoded again each step and only what is new is written, so a character
-    split over several byte-level tokens appears once complete (a trailing U+FFFD waits for the rest).
+    Each step decodes only the tokens since the last text written, after the tokens of the write
+    before as context (as vLLM's incremental detokenizer does: a SentencePiece decoder then keeps
+    a word's leading space), and writes what that adds, so the work per token stays constant
+    however long the text grows. A character split over several byte-level tokens appears once
+    complete (a trailing U+FFFD waits for the rest). What is written adds up to the whole text decoded.
     """
 
     def __init__(self, tokenizer, write, show_prompt: bool = True, eos_token_id: Optional[int] = None):
         self.tokenizer, self.write, self.show_prompt, self.eos_token_id = tokenizer, write, show_prompt, eos_token_id
         self.ids: List[int] = []
-        self.shown = 0  # characters of the decoded text already written
+        self.context = 0  # ids[context:written] were written already: decoded again only as context
+        self.written = 0  # ids before this index are written
         self.prompt_seen = False
         self.finished = False
 
@@ -87,7 +94,9 @@ class TextStream:
         if not self.prompt_seen:
             self.prompt_seen = True
             if not self.show_prompt:
-                self.shown = len(self.tokenizer.decode(ids))
+                self.ids = ids
+                self.context, self.written = max(0, len(ids) - PROMPT_CONTEXT), len(ids)
+                return
         elif self.finished or ids[0] == self.eos_token_id:
             self.finished = True  # the eos token and the padding after it are not text
             return
@@ -98,9 +107,12 @@ class TextStream:
         self.flush(final=True)
 
     def flush(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.ids)
+        if self.written == len(self.ids):
+            return
+        before = self.tokenizer.decode(self.ids[self.context : self.written])
+        text = self.tokenizer.decode(self.ids[self.context :])
         if not final and text.endswith("\ufffd"):
             return  # an incomplete character: wait for its other bytes
-        if len(text) > self.shown:
-            self.write(text[self.shown :])
-            self.shown = len(text)
+        if len(text) > len(before):
+            self.write(text[len(before) :])
+        self.context, self.written = self.written, len(self.ids)

@@ -162,7 +162,10 @@ class NF4Linear(nn.Module):
         rows = x.numel() // x.shape[-1]
         # the kernel has no backward: an input that needs gradients (QLoRA training) takes F.linear
         needs_grad = x.requires_grad and torch.is_grad_enabled()
-        if needs_grad or not (self.fused and x.device.type == "cpu" and 0 < rows <= nf4_kernel.MAX_ROWS):
+        # the kernel is built on the first NF4 matmul on CPU (eager: a compiled graph only reads whether it is there)
+        ready = not needs_grad and self.fused and x.device.type == "cpu" and (
+            nf4_kernel.built() if torch.compiler.is_compiling() else nf4_kernel.available())
+        if not (ready and 0 < rows <= nf4_kernel.MAX_ROWS):
             return F.linear(x, self.dequantize(x.dtype), bias)
         flat = x.reshape(rows, self.in_features)
         out = nf4_kernel.nf4_linear(flat, self.packed, self.decoded_absmax, self.code, self.out_features, self.block_size)

@@ -6,18 +6,22 @@ slower than fp32's matmul (measured: 10 tokens/s against 98 at 6x384). The kerne
 codes once per output row, looks each code up with two 8-lane permutes (vpermps) and a blend, and
 multiplies by all M activation rows, so a weight costs half a byte of memory traffic instead of four.
 
-Compiled once per machine, with the C++ compiler and torch headers inductor also needs, into a per-user
-cache, as a torch operator (`picogpt::nf4_linear`) registered in C++: torch.compile keeps it in its graph,
+Compiled once per machine on the first NF4 matmul on CPU (one line says so; the compiler gets
+BUILD_TIMEOUT seconds), with the C++ compiler and torch headers inductor also needs, into a per-user
+cache, its hash recorded beside it and checked before every load, as a torch operator (`picogpt::nf4_linear`) registered in C++: torch.compile keeps it in its graph,
 and a call costs what an aten operator's does (a Python kernel behind the dispatcher, with ctypes,
 measured 6-7 us more a call, over half the kernel's own time at 4x128). Where no compiler or AVX2 is
-found, `available()` is False and NF4Linear dequantizes in plain PyTorch.
+found, `available()` is False and NF4Linear dequantizes in plain PyTorch; a damaged or foreign library
+in the cache is rebuilt (one line), never loaded.
 """
 
-import fcntl
 import functools
 import hashlib
 import os
+import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 
 import torch
@@ -154,53 +158,171 @@ def cpu_has_avx2() -> bool:
     return " avx2" in flags and " fma" in flags
 
 
+BUILD_TIMEOUT = float(os.environ.get("PICOGPT_NF4_BUILD_TIMEOUT", 120))  # seconds the compiler may take, then the slow path
+
+
+def say(line: str) -> None:
+    print(f"nf4 kernel: {line}", file=sys.stderr, flush=True)
+
+
+def cache_directory() -> str:
+    return os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "picogpt_lightning")
+
+
+def library_path() -> str:
+    digest = hashlib.sha256((SOURCE + torch.__version__).encode()).hexdigest()[:16]  # torch's headers are compiled in
+    return os.path.join(cache_directory(), f"nf4_kernel_{digest}.so")
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:  # read(), not mapped: a truncated file is a short read, never a SIGBUS
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verified(path: str) -> bool:
+    """Whether `path` is the library this machine built: its bytes hash to what the build recorded beside it.
+    A truncated, foreign or garbage file is not, and is never loaded (loading one can crash the process)."""
+    try:
+        with open(path + ".sha256") as record:
+            return record.read().strip() == file_sha256(path)
+    except OSError:
+        return False
+
+
 def build(path: str) -> None:
-    """Compiles SOURCE into `path`, renamed into place whole; one process at a time (the others wait, then load it)."""
+    """Compiles SOURCE into `path` and records its hash beside it, both renamed into place whole; one process at a
+    time (the others wait, then load it). The compiler gets BUILD_TIMEOUT seconds; its folder never outlives it."""
+    import fcntl  # POSIX only, and only here: cpu_has_avx2 is False where /proc/cpuinfo is missing
+
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "nf4_kernel.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.exists(path):  # built by the process that held the lock before
+        if verified(path):  # built by the process that held the lock before
             return
+        remove_stale_builds(directory)
         torch_dir = os.path.dirname(torch.__file__)
-        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        with tempfile.TemporaryDirectory(dir=directory, prefix=f"build-{os.getpid()}-") as tmp:
             built = os.path.join(tmp, "nf4.so")
             command = [  # the source comes on standard input (-x c++ -): only the library is written
                 os.environ.get("CXX", "g++"), "-O3", "-mavx2", "-mfma", "-std=c++20", "-shared", "-fPIC",
                 f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-I" + os.path.join(torch_dir, "include"),
                 "-x", "c++", "-", "-o", built, "-L" + os.path.join(torch_dir, "lib"), "-lc10", "-ltorch_cpu",
             ]
-            subprocess.run(command, input=SOURCE, text=True, check=True, capture_output=True, timeout=300)
-            with open(built, "rb") as library_file:
-                os.fsync(library_file.fileno())  # on disk before the rename, so a crash leaves no empty library
+            compile_within(command, BUILD_TIMEOUT)
+            record = os.path.join(tmp, "nf4.so.sha256")
+            with open(record, "w") as file:
+                file.write(file_sha256(built))
+            for name in (built, record):
+                with open(name, "rb") as written:
+                    os.fsync(written.fileno())  # on disk before the rename, so a crash leaves no empty file
+            os.replace(record, path + ".sha256")
             os.replace(built, path)  # atomic: another process sees the whole library or none
+
+
+def compile_within(command, seconds: float) -> None:
+    """Runs the compiler in its own process group, killed whole (cc1plus and as too) past `seconds`."""
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        _, errors = process.communicate(SOURCE, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    except BaseException:  # a signal: the compiler goes with this process
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, command[0], stderr=errors)
+
+
+def remove_stale_builds(directory: str) -> None:
+    """Build folders of processes that died mid-build (SIGKILL), named build-<pid>-*."""
+    for entry in os.listdir(directory):
+        pid = entry.split("-")[1] if entry.startswith("build-") and entry.count("-") >= 2 else ""
+        if pid.isdigit() and not process_running(int(pid)):
+            shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+
+
+def process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def discard(path: str) -> None:
+    for name in (path, path + ".sha256"):
+        try:
+            os.remove(name)
+        except FileNotFoundError:
+            pass
+
+
+LOADED = [False]  # the operator is registered in this process (what a compiled graph reads)
 
 
 @functools.lru_cache(maxsize=1)
 def library():
-    """The compiled operator's path, built on first use into ~/.cache and loaded; None when it cannot be."""
+    """The compiled operator's path, built on the first NF4 matmul on CPU and loaded; None when it cannot be.
+
+    A library is loaded only once its bytes match the hash recorded when it was built: a damaged or foreign
+    one is rebuilt, saying so in one line, and if it cannot be, NF4 layers dequantize in plain PyTorch."""
     if not cpu_has_avx2():
         return None
-    digest = hashlib.sha256((SOURCE + torch.__version__).encode()).hexdigest()[:16]  # torch's headers are compiled in
-    directory = os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "picogpt_lightning")
-    path = os.path.join(directory, f"nf4_kernel_{digest}.so")
+    path = library_path()
+    compiler = os.environ.get("CXX", "g++")
     try:
-        if not os.path.exists(path):
+        if not verified(path):
+            damaged = os.path.exists(path)
+            if damaged:
+                discard(path)  # never loaded: loading a truncated or foreign library can crash the process
+            what = f"{path} does not match the hash recorded at its build (damaged or replaced)" if damaged else None
+            if shutil.which(compiler) is None:
+                say(f"{what + ' and was removed; ' if what else ''}no C++ compiler ({compiler}) to build the fused "
+                    "kernel with: NF4 layers dequantize in plain PyTorch")
+                return None
+            say(f"{what}: rebuilding it" if what else
+                f"compiling the fused AVX2 kernel once for this machine into {path} (at most {BUILD_TIMEOUT:.0f} s)")
             build(path)
         torch.ops.load_library(path)
-    except (OSError, subprocess.SubprocessError):
+    except subprocess.TimeoutExpired:
+        say(f"the compiler took over {BUILD_TIMEOUT:.0f} s and was stopped; NF4 layers dequantize in plain PyTorch")
+        return None
+    except subprocess.CalledProcessError as error:
+        detail = next((line for line in (error.stderr or "").splitlines() if "error" in line), f"status {error.returncode}")
+        say(f"cannot compile ({detail.strip()[:200]}); NF4 layers dequantize in plain PyTorch")
+        return None
+    except (OSError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        say(f"cannot build or load {path} ({reason}); NF4 layers dequantize in plain PyTorch")
         return None
     torch.library.register_fake("picogpt::nf4_linear")(nf4_linear_shape)
+    LOADED[0] = True
     return path
 
 
+def built() -> bool:
+    """Whether the kernel is loaded already (builds nothing)."""
+    return LOADED[0]
+
+
 def available() -> bool:
+    """Whether the fused kernel runs here; the first call builds it (one line on stderr says so)."""
     return library() is not None
 
 
 def supports(in_features: int, block_size: int) -> bool:
-    """Whether the kernel's chunks of 16 codes each fall in one row and one block."""
-    return in_features % 16 == 0 and block_size % 16 == 0 and available()
+    """Whether the kernel's chunks of 16 codes each fall in one row and one block (a shape question: nothing is built)."""
+    return in_features % 16 == 0 and block_size % 16 == 0
 
 
 def nf4_linear_shape(x, packed, absmax, code, out_features, block_size):
