@@ -47,6 +47,7 @@ LIGHTNING_VERSION_KEY = "pytorch-lightning_version"  # in every checkpoint the L
 # fields that change how a model is trained, not what it computes: they may differ between
 # a stored config and the one a run asks for
 TRAINING_ONLY_FIELDS = ("dropout", "neftune_noise_alpha")
+FINITE_CHECK_SLICE = 1 << 20  # elements checked for NaN/inf at once
 
 # Lightning stores hyperparameters beside the weights, a PicoGPTConfig among them; allowing the
 # type lets torch.load(weights_only=True) read this project's checkpoints, Lightning's resume too
@@ -134,6 +135,7 @@ def load(path) -> Checkpoint:
     path = os.fspath(path)
     if is_model_folder(path):  # a Hugging Face Llama/Mistral folder
         config, state_dict, tokenizer_dict = read_model_folder(path)
+        check_finite(path, state_dict)
         return Checkpoint(path, state_dict, config, tokenizer_dict, {})
     if os.path.isdir(path):
         raise InputNotFound(
@@ -165,8 +167,11 @@ def load(path) -> Checkpoint:
 def check_finite(path: str, state_dict: Dict[str, torch.Tensor]) -> None:
     """Weights holding NaN or infinity (a diverged run, a damaged file) would generate garbage without a word."""
     for name, tensor in state_dict.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
+        if not tensor.is_floating_point():
+            continue
+        # a slice at a time: isfinite works in float32, which would take twice a bf16 embedding's memory at once
+        bad = sum(int((~torch.isfinite(part)).sum()) for part in tensor.reshape(-1).split(FINITE_CHECK_SLICE))
+        if bad:
             raise CheckpointError(
                 f"{path}: tensor {name} holds {bad} NaN or infinite value(s) of {tensor.numel()}; the run diverged or "
                 "the file is damaged: use an earlier checkpoint"

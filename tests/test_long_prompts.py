@@ -84,6 +84,7 @@ class CountingTokenizer:
 
     def __init__(self, tokenizer):
         self.tokenizer, self.calls = tokenizer, []
+        self.bos_token_id = tokenizer.bos_token_id
 
     def decode(self, ids):
         self.calls.append(len(ids))

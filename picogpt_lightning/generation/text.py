@@ -93,6 +93,8 @@ class TextStream:
             raise ValueError("TextStream follows one sequence; generate a batch without it, or one prompt at a time")
         if not self.prompt_seen:
             self.prompt_seen = True
+            if len(ids) > 1 and ids[0] == self.tokenizer.bos_token_id:
+                ids = ids[1:]  # the BOS encoding added (a Llama's tokenizer): not the user's text
             if not self.show_prompt:
                 self.ids = ids
                 self.context, self.written = max(0, len(ids) - PROMPT_CONTEXT), len(ids)
