@@ -53,7 +53,7 @@ def planted(tmp_path: Path, damage: str) -> Path:
         data = library.read_bytes()
         library.write_bytes(data[: len(data) // 2])
     elif damage == "foreign":
-        shutil.copy(Path(sys.executable).resolve(), library)  # another program's ELF file in its place
+        shutil.copy(Path(torch.__file__).parent / "lib" / "libshm.so", library)  # another shared library in its place
     elif damage == "garbage":
         library.write_bytes(os.urandom(4096))
     return cache
