@@ -98,8 +98,10 @@ class PicoGPTCLI(LightningCLI):
         super().parse_arguments(parser, args)
         # the tokenizer's size replaces the model's vocab_size (the link above), so only one the user wrote
         # can disagree with it: parsing again without defaults tells it from the config's default
-        given = parser.parse_object(args, defaults=False) if isinstance(args, dict) else parser.parse_args(args, defaults=False)
-        self.given_vocab_size = given.get(f"{given.get('subcommand')}.model.init_args.config.vocab_size")
+        self.given_vocab_size = None
+        if may_give_vocab_size(args):  # a second parse costs a few tenths of a second at every start
+            given = parser.parse_object(args, defaults=False) if isinstance(args, dict) else parser.parse_args(args, defaults=False)
+            self.given_vocab_size = given.get(f"{given.get('subcommand')}.model.init_args.config.vocab_size")
         subcommand = self.config.get("subcommand")
         if subcommand == "fit":  # "last": the newest last.ckpt of this run's name
             self.config.fit.ckpt_path = resume.resolve_last(self.config.fit.get("ckpt_path"), self.config.fit.trainer.get("logger"))
@@ -161,6 +163,24 @@ class PicoGPTCLI(LightningCLI):
                 elif not arg.startswith("--ckpt_path="):
                     args.append(arg)
         return f"{PROG} {shlex.join(args + ['--ckpt_path', ckpt_path])}"
+
+
+def may_give_vocab_size(args) -> bool:
+    """Whether `args` (a command line, or a config as data) can set vocab_size: it names it, or a
+    file it points at (a config, a nested class's file) does."""
+    args = [repr(args)] if isinstance(args, dict) else list(args if args is not None else sys.argv[1:])
+    for arg in args:
+        if "vocab_size" in arg:
+            return True
+        path = arg.split("=", 1)[-1]
+        if os.path.isfile(path):
+            try:
+                with open(path, "rb") as file:
+                    if b"vocab_size" in file.read():
+                        return True
+            except OSError:
+                return True  # unreadable here: the parse says why
+    return False
 
 
 @stop_signals.exits_on_signals()  # from its first line: a signal in any phase exits 128 + the signal (stop_signals.py)
