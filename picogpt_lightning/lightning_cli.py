@@ -38,7 +38,7 @@ from picogpt_lightning.callbacks import (
 from picogpt_lightning import stop_signals
 from picogpt_lightning.errors import InputNotFound, UserError, first_line
 from picogpt_lightning.modules import PicoGPTModule
-from picogpt_lightning.textfiles import config_paths, read_text
+from picogpt_lightning.textfiles import config_paths, mentions, read_text
 from picogpt_lightning.trainer_checks import check_stage_data, check_trainer_arguments, refusals_in_one_line
 
 PROG = "python -m picogpt_lightning"
@@ -99,7 +99,8 @@ class PicoGPTCLI(LightningCLI):
         # the tokenizer's size replaces the model's vocab_size (the link above), so only one the user wrote
         # can disagree with it: parsing again without defaults tells it from the config's default
         self.given_vocab_size = None
-        if may_give_vocab_size(args):  # a second parse costs a few tenths of a second at every start
+        # parsing again costs a few tenths of a second at every start: only where vocab_size may be written
+        if mentions("vocab_size", args if args is not None else sys.argv[1:]):
             given = parser.parse_object(args, defaults=False) if isinstance(args, dict) else parser.parse_args(args, defaults=False)
             self.given_vocab_size = given.get(f"{given.get('subcommand')}.model.init_args.config.vocab_size")
         subcommand = self.config.get("subcommand")
@@ -163,24 +164,6 @@ class PicoGPTCLI(LightningCLI):
                 elif not arg.startswith("--ckpt_path="):
                     args.append(arg)
         return f"{PROG} {shlex.join(args + ['--ckpt_path', ckpt_path])}"
-
-
-def may_give_vocab_size(args) -> bool:
-    """Whether `args` (a command line, or a config as data) can set vocab_size: it names it, or a
-    file it points at (a config, a nested class's file) does."""
-    args = [repr(args)] if isinstance(args, dict) else list(args if args is not None else sys.argv[1:])
-    for arg in args:
-        if "vocab_size" in arg:
-            return True
-        path = arg.split("=", 1)[-1]
-        if os.path.isfile(path):
-            try:
-                with open(path, "rb") as file:
-                    if b"vocab_size" in file.read():
-                        return True
-            except OSError:
-                return True  # unreadable here: the parse says why
-    return False
 
 
 @stop_signals.exits_on_signals()  # from its first line: a signal in any phase exits 128 + the signal (stop_signals.py)
