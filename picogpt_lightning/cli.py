@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 import sys
+import time
 from typing import Callable, Dict, List, Optional
 
 from picogpt_lightning.errors import UserError, first_line
@@ -89,20 +90,45 @@ def print_help() -> None:
 
 
 def set_thread_defaults() -> None:
-    """Threads for small models on a shared CPU, where the user's environment says nothing.
+    """Threads for small models on a CPU that may be shared, where the user's environment says nothing.
 
-    OpenMP workers spin while they wait: beside another busy process on 2 cores a run crawls
-    (1.2 it/s against 14 it/s with one thread; BENCHMARKS.md, "CPU threads under load"). Both
-    variables are read when torch loads OpenMP, which `python -m picogpt_lightning` has not done
-    yet (the package imports the model on first use); the processes a command starts inherit
-    them. The thread count: half the cores, at most 4, as a 128-wide model gains little from more.
+    Measured (docs/training-and-resuming.md, "Threads"; BENCHMARKS.md, "CPU training against
+    nanoGPT"): on idle cores, one thread per core whose OpenMP workers spin briefly between
+    parallel regions (libgomp's default) is fastest; beside a busy process, extra threads wait on
+    cores they do not get and one thread is fastest. So the count is the cores idle now (read from
+    /proc/stat over 50 ms; at most 4, as a 128-wide model gains little from more), and when that
+    is one, workers sleep (OMP_WAIT_POLICY=PASSIVE). All are read when torch loads OpenMP, which
+    `python -m picogpt_lightning` has not done yet; the processes a command starts inherit them.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if "OMP_NUM_THREADS" not in os.environ:
-        threads = max(1, min(4, (os.cpu_count() or 1) // 2))
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        if "torch" in sys.modules:  # called from Python after torch was loaded: the count still applies
-            sys.modules["torch"].set_num_threads(threads)
+    if "OMP_NUM_THREADS" in os.environ:
+        return  # the user chose the count; a wait policy they set stays theirs too
+    threads = max(1, min(4, idle_cores()))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if threads == 1:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" in sys.modules:  # called from Python after torch was loaded: the count still applies
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def idle_cores(interval: float = 0.05) -> int:
+    """How many of this process's cores were idle over `interval` seconds (all of them where /proc/stat is missing)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    def busy_and_total():
+        with open("/proc/stat") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    try:
+        busy_before, total_before = busy_and_total()
+        time.sleep(interval)
+        busy_after, total_after = busy_and_total()
+    except (OSError, ValueError, IndexError):
+        return cores
+    machine_cores = os.cpu_count() or cores
+    busy = machine_cores * (busy_after - busy_before) / max(1, total_after - total_before)
+    return min(cores, int(machine_cores - busy + 0.5))
 
 
 def main(argv: Optional[List[str]] = None) -> None:

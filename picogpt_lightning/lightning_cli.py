@@ -38,7 +38,7 @@ from picogpt_lightning.callbacks import (
 from picogpt_lightning import stop_signals
 from picogpt_lightning.errors import InputNotFound, UserError, first_line
 from picogpt_lightning.modules import PicoGPTModule
-from picogpt_lightning.textfiles import config_paths, read_text
+from picogpt_lightning.textfiles import config_paths, mentions, read_text
 from picogpt_lightning.trainer_checks import check_stage_data, check_trainer_arguments, refusals_in_one_line
 
 PROG = "python -m picogpt_lightning"
@@ -98,8 +98,11 @@ class PicoGPTCLI(LightningCLI):
         super().parse_arguments(parser, args)
         # the tokenizer's size replaces the model's vocab_size (the link above), so only one the user wrote
         # can disagree with it: parsing again without defaults tells it from the config's default
-        given = parser.parse_object(args, defaults=False) if isinstance(args, dict) else parser.parse_args(args, defaults=False)
-        self.given_vocab_size = given.get(f"{given.get('subcommand')}.model.init_args.config.vocab_size")
+        self.given_vocab_size = None
+        # parsing again costs a few tenths of a second at every start: only where vocab_size may be written
+        if mentions("vocab_size", args if args is not None else sys.argv[1:]):
+            given = parser.parse_object(args, defaults=False) if isinstance(args, dict) else parser.parse_args(args, defaults=False)
+            self.given_vocab_size = given.get(f"{given.get('subcommand')}.model.init_args.config.vocab_size")
         subcommand = self.config.get("subcommand")
         if subcommand == "fit":  # "last": the newest last.ckpt of this run's name
             self.config.fit.ckpt_path = resume.resolve_last(self.config.fit.get("ckpt_path"), self.config.fit.trainer.get("logger"))

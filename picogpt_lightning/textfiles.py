@@ -7,7 +7,7 @@ file, the line and the fix, wherever it is given.
 
 import os
 from pathlib import Path
-from typing import List
+from typing import List, Union
 
 from picogpt_lightning.errors import UserError
 
@@ -30,3 +30,20 @@ def config_paths(args: List[str]) -> List[str]:
     paths = [value for flag, value in zip(args, args[1:]) if flag in ("-c", "--config")]
     paths += [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
     return [path for path in paths if os.path.isfile(path)]
+
+
+def mentions(word: str, args: Union[List[str], dict]) -> bool:
+    """Whether `args` (a command line, or a config as data) or a file it points at (a config, a
+    nested class's file) contains `word`: a cheap test before parsing it a second time."""
+    args = [repr(args)] if isinstance(args, dict) else list(args)
+    for arg in args:
+        if word in arg:
+            return True
+        path = arg.split("=", 1)[-1]
+        if os.path.isfile(path):
+            try:
+                if word.encode() in Path(path).read_bytes():
+                    return True
+            except OSError:
+                return True  # unreadable here: the parse says why
+    return False

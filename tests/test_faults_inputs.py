@@ -254,3 +254,21 @@ def test_the_command_prints_exactly_one_line_and_exits_1(tmp_path, corpus_path):
         "error: --trainer.accumulate_grad_batches is 0; it must be an int >= 1 (1: one batch per optimizer step)"
     ]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("where", ["command line", "config file", "nested file"])
+def test_a_vocab_size_that_disagrees_with_the_tokenizer_is_refused_wherever_it_is_written(tmp_path, corpus_path, where):
+    extra = []
+    if where == "config file":
+        config = write_config(tmp_path, corpus_path, model={"config": {
+            "block_size": 32, "n_layer": 2, "n_head": 4, "n_embd": 32, "vocab_size": 40}})
+    else:
+        config = write_config(tmp_path, corpus_path)
+        if where == "command line":
+            extra = ["--model.init_args.config.vocab_size=40"]
+        else:
+            nested = tmp_path / "model_config.yaml"
+            nested.write_text(yaml.safe_dump({"block_size": 32, "n_layer": 2, "n_head": 4, "n_embd": 32, "vocab_size": 40}))
+            extra = ["--model.init_args.config", str(nested)]
+    message = one_line_error("fit", "--config", str(config), *extra)
+    assert "model config vocab_size is 40 but the tokenizer has 65 tokens" in message

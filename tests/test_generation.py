@@ -251,6 +251,28 @@ def test_cached_decoding_equals_uncached(models, padded_batch, options):
         assert torch.equal(result, results[0])
 
 
+@pytest.mark.parametrize("options", [dict(), dict(num_beams=3), dict(use_cache=False)], ids=["greedy", "beam", "no-cache"])
+def test_prefill_projects_only_the_last_position_and_tokens_equal_full_forwards(models, padded_batch, options):
+    model, _ = models
+    input_ids, attention_mask = padded_batch
+    projected = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: projected.append(args[0].shape[1]))
+    try:
+        out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6, **options)
+    finally:
+        hook.remove()
+    assert projected and set(projected) == {1}  # every forward, the prompt's too, projects one position
+    if options:
+        return
+    # the reference: greedy over the full forward's logits, every position projected, no cache
+    sequences, mask = input_ids, attention_mask
+    with torch.no_grad():
+        for _ in range(6):
+            token = model(sequences, attention_mask=mask).logits[:, -1].argmax(-1, keepdim=True)
+            sequences, mask = torch.cat((sequences, token), 1), torch.cat((mask, torch.ones_like(token)), 1)
+    assert torch.equal(out, sequences)
+
+
 # ---- the static cache and the compiled decode step ---------------------------------------------
 
 

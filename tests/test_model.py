@@ -138,6 +138,26 @@ def test_padded_batch_equals_each_sequence_alone(side, n_query_groups):
     assert torch.isfinite(batched).all()
 
 
+@pytest.mark.parametrize("keep", [1, 3, 12, 20])
+def test_logits_to_keep_equals_the_last_rows_of_the_full_forward(keep):
+    model = tiny_model()
+    ids = torch.randint(0, 50, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding: the kept rows are still the last positions
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        kept = model(ids, attention_mask=mask, logits_to_keep=keep).logits
+        assert torch.equal(model(ids, logits_to_keep=0).logits, model(ids).logits)
+    assert kept.shape == (2, min(keep, 12), 50)
+    torch.testing.assert_close(kept, full[:, -keep:])
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True])
+def test_logits_to_keep_rejects_what_is_not_a_count(bad):
+    with pytest.raises(Exception, match="logits_to_keep must be an int >= 0"):
+        tiny_model()(torch.zeros(1, 3, dtype=torch.long), logits_to_keep=bad)
+
+
 def test_hidden_states_layout():
     model = tiny_model()
     ids = torch.randint(0, 50, (2, 5))

@@ -15,8 +15,12 @@ from picogpt_lightning.model.cache import DynamicCache, KVCache, StaticKVCache
 
 
 def next_token_logits(model, input_ids, cache_position, attention_mask, cache: KVCache) -> torch.Tensor:
-    """One forward pass over the cache: the float logits of each row's last token."""
-    output = model(input_ids, attention_mask=attention_mask, past_key_values=cache, cache_position=cache_position)
+    """One forward pass over the cache: the float logits of each row's last token (the only
+    position projected to the vocabulary)."""
+    output = model(
+        input_ids, attention_mask=attention_mask, past_key_values=cache, cache_position=cache_position,
+        logits_to_keep=1,
+    )
     return output.logits[:, -1].float()
 
 
@@ -89,7 +93,7 @@ class RecomputingScorer:
         self.model = model
 
     def prefill(self, sequences: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.model(sequences, attention_mask=attention_mask).logits[:, -1].float()
+        return self.model(sequences, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1].float()
 
     decode_one_token = prefill
 

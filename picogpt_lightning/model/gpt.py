@@ -84,6 +84,7 @@ class PicoGPT(nn.Module):
         output_hidden_states: bool = False,
         cache_position: Optional[torch.Tensor] = None,
         output_qkv_layer: Optional[int] = None,
+        logits_to_keep: int = 0,
     ) -> PicoGPTOutput:
         """`past_key_values`: a cache of `picogpt_lightning.model.cache`, or transformers' legacy
         tuple of (keys, values) per layer. With use_cache=True and none given, a growing
@@ -92,8 +93,12 @@ class PicoGPT(nn.Module):
         (B, cache.max_length) or none, as transformers' StaticCache is used. Inputs longer than
         block_size attend through a sliding window of block_size tokens (see model/cache.py).
         `output_qkv_layer`: a block index (negative counts from the end) whose attention's
-        queries, keys and values come back in `qkv` (attention-relation distillation)."""
+        queries, keys and values come back in `qkv` (attention-relation distillation).
+        `logits_to_keep` (transformers' name): N > 0 projects only the last N positions to the
+        vocabulary, so `logits` is (B, N, vocab); 0 keeps them all. Hidden states are whole."""
         qkv_layer = self._qkv_layer(output_qkv_layer)
+        if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
+            raise UserError(f"logits_to_keep must be an int >= 0 (0 keeps every position), got {logits_to_keep!r}")
         cache = as_cache(past_key_values, use_cache, self.config)
         mask, default_positions, cache_position = self._mask_and_positions(
             input_ids, attention_mask, cache, cache_position
@@ -122,7 +127,7 @@ class PicoGPT(nn.Module):
             # as transformers: the last entry is the final block's output after the final norm
             hidden_states.append(x)
         return PicoGPTOutput(
-            logits=self.lm_head(x),
+            logits=self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x),
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             # a cache the caller passed is returned as it was written in place, whatever use_cache says
             past_key_values=cache if use_cache or isinstance(past_key_values, KVCache) else None,
