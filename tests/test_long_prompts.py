@@ -113,3 +113,18 @@ def test_the_streamed_text_is_the_whole_text_decoded_with_constant_work_per_toke
     assert "".join(written) == expected
     assert max(counting.calls[4:]) <= 12  # after the prompt, a few tokens per decode, however long the text
 
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_a_served_row_decodes_and_matches_stops_with_constant_work_per_token(kind):
+    from picogpt_lightning.commands.serve_worker import Row
+
+    tokenizer = build_tokenizer(kind, TEXT, **({"vocab_size": 300} if kind == "bpe" else {}))
+    ids = tokenizer.encode(TEXT * 3)
+    stop = "🙂 too.\nÜnï"  # first found after dozens of tokens, across token boundaries
+    counting = CountingTokenizer(tokenizer)
+    row = Row(0, "", len(ids), [stop, "never there"], "")
+    sent = "".join(row.add(token, counting, None) for token in ids if row.finish_reason is None)
+    whole = tokenizer.decode(ids)
+    assert (sent, row.finish_reason) == (whole[: whole.find(stop)], "stop")  # the whole text decoded, cut at the stop
+    assert max(counting.calls) <= 12

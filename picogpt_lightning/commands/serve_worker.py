@@ -22,6 +22,7 @@ import torch
 from picogpt_lightning import PicoGPT, checkpoints
 from picogpt_lightning.errors import UserError, first_line
 from picogpt_lightning.generation import encode_prompts, resolve_generation_config
+from picogpt_lightning.generation.text import IncrementalText
 from picogpt_lightning.tokenizer import Tokenizer
 
 FINISHED = "finished"  # what the decoding thread queues after a batch's last step
@@ -48,29 +49,37 @@ class Row:
     ids: List[int] = field(default_factory=list)
     sent: int = 0
     finish_reason: Optional[str] = None
+    text: str = ""  # the whole text so far, complete characters only
+    decoder: Optional[IncrementalText] = None
 
     def add(self, token: int, tokenizer: Tokenizer, eos: Optional[int]) -> str:
-        """Takes the next token; returns the text it makes safe to send (held back while it could begin a stop)."""
+        """Takes the next token; returns the text it makes safe to send (held back while it could begin a stop).
+        The work is constant per token: new tokens decoded incrementally, stops looked for in the new text only."""
+        if self.decoder is None:
+            self.decoder = IncrementalText(tokenizer)
+        checked = len(self.text)
         if token == eos:
             self.finish_reason = "stop"
         else:
             self.ids.append(token)
-        text = tokenizer.decode(self.ids)
-        cuts = [text.find(stop) for stop in self.stops if stop in text]
+        self.text += self.decoder.add([] if token == eos else [token], final=self.finish_reason is not None)
+        longest = max(map(len, self.stops), default=0)
+        start = max(0, checked - longest + 1)  # a stop may end in the new text yet begin in the old
+        cuts = [cut for cut in (self.text.find(stop, start) for stop in self.stops) if cut >= 0]
+        text = self.text
         if cuts:
             text, self.finish_reason = text[: min(cuts)], "stop"
         elif self.finish_reason is None and len(self.ids) >= self.max_tokens:
             self.finish_reason = "length"
+            text = self.text = self.text + self.decoder.add([], final=True)
         end = len(text) if self.finish_reason else len(text) - self.held_back(text)
         delta, self.sent = self.echo + text[self.sent : max(end, self.sent)], max(end, self.sent)
         self.echo = ""
         return delta
 
     def held_back(self, text: str) -> int:
-        """Characters at the end of `text` that may still turn into a stop string or a whole character."""
-        longest = max([n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])], default=0)
-        partial = len(text) - len(text.rstrip("\ufffd"))  # bytes of a character a later token completes
-        return max(longest, partial)
+        """Characters at the end of `text` that may still turn into a stop string."""
+        return max([n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])], default=0)
 
 
 @dataclass

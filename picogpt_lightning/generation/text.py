@@ -68,53 +68,66 @@ def generate_texts(
 PROMPT_CONTEXT = 4  # prompt tokens decoded before the first new one when the prompt is not shown
 
 
+class IncrementalText:
+    """The text of a growing list of token ids, decoded a few tokens at a time.
+
+    Each call decodes only the tokens since the last text it returned, after the tokens of the
+    call before as context (as vLLM's incremental detokenizer does: a SentencePiece decoder then
+    keeps a word's leading space), so the work per token stays constant however long the text
+    grows. A character split over several byte-level tokens is returned once complete (a trailing
+    U+FFFD waits for the rest). What it returns adds up to the whole text decoded.
+    """
+
+    def __init__(self, tokenizer, ids: Sequence[int] = (), skip: bool = False):
+        """`ids` start the sequence; with `skip` their text is context only, never returned."""
+        self.tokenizer, self.ids = tokenizer, list(ids)
+        self.context = max(0, len(self.ids) - PROMPT_CONTEXT) if skip else 0  # ids[context:done]: decoded before
+        self.done = len(self.ids) if skip else 0  # ids before this index are returned as text
+
+    def add(self, ids: Sequence[int], final: bool = False) -> str:
+        """The text that `ids` (appended) complete; with `final`, also an unfinished character's bytes."""
+        self.ids += ids
+        if self.done == len(self.ids):
+            return ""
+        before = self.tokenizer.decode(self.ids[self.context : self.done])
+        text = self.tokenizer.decode(self.ids[self.context :])
+        if not final and text.endswith("\ufffd"):
+            return ""  # an incomplete character: wait for its other bytes
+        self.context, self.done = self.done, len(self.ids)
+        return text[len(before) :]
+
+
 class TextStream:
     """A streamer (generate's `put`/`end`) that hands each new piece of text to `write` as tokens come.
 
-    One sequence: the prompt arrives first (shown too, with `show_prompt`), then each step's token.
-    Each step decodes only the tokens since the last text written, after the tokens of the write
-    before as context (as vLLM's incremental detokenizer does: a SentencePiece decoder then keeps
-    a word's leading space), and writes what that adds, so the work per token stays constant
-    however long the text grows. A character split over several byte-level tokens appears once
-    complete (a trailing U+FFFD waits for the rest). What is written adds up to the whole text decoded.
+    One sequence: the prompt arrives first (shown too, with `show_prompt`), then each step's token,
+    decoded incrementally (IncrementalText): constant work per token.
     """
 
     def __init__(self, tokenizer, write, show_prompt: bool = True, eos_token_id: Optional[int] = None):
         self.tokenizer, self.write, self.show_prompt, self.eos_token_id = tokenizer, write, show_prompt, eos_token_id
-        self.ids: List[int] = []
-        self.context = 0  # ids[context:written] were written already: decoded again only as context
-        self.written = 0  # ids before this index are written
-        self.prompt_seen = False
+        self.text: Optional[IncrementalText] = None  # made when the prompt arrives
         self.finished = False
 
     def put(self, token_ids: torch.Tensor) -> None:
         ids = token_ids.reshape(-1).tolist()
-        if len(ids) != 1 and self.prompt_seen:
-            raise ValueError("TextStream follows one sequence; generate a batch without it, or one prompt at a time")
-        if not self.prompt_seen:
-            self.prompt_seen = True
+        if self.text is None:
             if len(ids) > 1 and ids[0] == self.tokenizer.bos_token_id:
                 ids = ids[1:]  # the BOS encoding added (a Llama's tokenizer): not the user's text
-            if not self.show_prompt:
-                self.ids = ids
-                self.context, self.written = max(0, len(ids) - PROMPT_CONTEXT), len(ids)
-                return
-        elif self.finished or ids[0] == self.eos_token_id:
+            self.text = IncrementalText(self.tokenizer, ids, skip=not self.show_prompt)
+            self.emit(self.text.add([]))
+            return
+        if len(ids) != 1:
+            raise ValueError("TextStream follows one sequence; generate a batch without it, or one prompt at a time")
+        if self.finished or ids[0] == self.eos_token_id:
             self.finished = True  # the eos token and the padding after it are not text
             return
-        self.ids += ids
-        self.flush(final=False)
+        self.emit(self.text.add(ids))
 
     def end(self) -> None:
-        self.flush(final=True)
+        if self.text is not None:
+            self.emit(self.text.add([], final=True))
 
-    def flush(self, final: bool) -> None:
-        if self.written == len(self.ids):
-            return
-        before = self.tokenizer.decode(self.ids[self.context : self.written])
-        text = self.tokenizer.decode(self.ids[self.context :])
-        if not final and text.endswith("\ufffd"):
-            return  # an incomplete character: wait for its other bytes
-        if len(text) > len(before):
-            self.write(text[len(before) :])
-        self.context, self.written = self.written, len(self.ids)
+    def emit(self, text: str) -> None:
+        if text:
+            self.write(text)
