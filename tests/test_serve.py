@@ -231,3 +231,32 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(server, client):
     assert len(queued["r"].choices[0].text) == 4
     assert process.wait(timeout=60) == 0
     assert not healthy(url)
+
+
+def test_a_group_that_fails_while_decoding_fails_alone():
+    """A fault in one group's decoding (a bug, not a bad request) is that group's 500; the next group decodes."""
+    import queue
+
+    from picogpt_lightning.commands.serve_requests import CompletionRequest
+    from picogpt_lightning.commands.serve_worker import CompletionsAPI, Job
+
+    tokenizer = build_tokenizer("char", TEXT)
+    requests = [CompletionRequest(prompt="to", temperature=0).model_dump(),
+                CompletionRequest(prompt="be", temperature=0.5, seed=1).model_dump()]
+    jobs = [Job.from_request(request, tokenizer) for request in requests]
+    for position, job in enumerate(jobs):
+        job.position = position
+    api = CompletionsAPI.__new__(CompletionsAPI)
+    decoded = []
+
+    def generate_rows(group, batch_size, outbox):
+        if group[0].seed is None:
+            raise RuntimeError("a fault in the first group")
+        decoded.append(group)
+
+    api.generate_rows = generate_rows
+    outbox = queue.Queue()
+    api.decode_batch(jobs, outbox)
+    failed = outbox.get_nowait()
+    assert failed[0]["error"]["status"] == 500 and failed[1] is None
+    assert decoded == [[jobs[1]]]  # the other request's group still decoded

@@ -13,6 +13,7 @@ reused) and `predict` yields what that thread's streamer queues.
 
 import queue
 import threading
+import traceback
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -134,9 +135,10 @@ class Job:
             )
         return message if choices or "usage" in message else None
 
-    def failure(self, text: str) -> dict:
+    def failure(self, text: str, status: int = 400) -> dict:
         self.reported = True
-        return {"error": {"message": text, "type": "invalid_request_error", "param": None, "code": None}}
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return {"error": {"message": text, "type": kind, "param": None, "code": None, "status": status}}
 
 
 class RowStreamer:
@@ -239,6 +241,13 @@ class CompletionsAPI(ls.LitAPI):
                 return
             outputs = [None] * batch_size
             outputs[group[0].position] = group[0].failure(first_line(error))
+            outbox.put(outputs)
+        except Exception:  # noqa: BLE001 - a failure while decoding: this group's requests fail, the others go on
+            traceback.print_exc()  # the cause, in the server's log
+            outputs = [None] * batch_size
+            for job in group:
+                if not job.reported:
+                    outputs[job.position] = job.failure("internal error while generating; see the server's log", 500)
             outbox.put(outputs)
 
     def generate_rows(self, group: List[Job], batch_size: int, outbox: queue.Queue) -> None:
