@@ -207,6 +207,19 @@ def test_the_openai_client_raises_bad_request_for_a_refused_request_in_a_batch_o
         client.completions.create(model="tiny", prompt="to", extra_body={"beams": 2})
 
 
+def test_a_client_that_leaves_mid_stream_stops_its_decoding(client):
+    """Without the stop the worker would decode the whole max_tokens before the batch behind it could start."""
+    began = time.monotonic()
+    list(client.completions.create(model="tiny", prompt="to", max_tokens=1500, temperature=0, stream=True))
+    whole = time.monotonic() - began  # the same request, read to its end
+    stream = client.completions.create(model="tiny", prompt="to", max_tokens=1500, temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()  # the client leaves after its first token
+    began = time.monotonic()
+    assert client.completions.create(model="tiny", prompt="to", max_tokens=2, temperature=0).choices[0].text
+    assert time.monotonic() - began < whole / 2, (time.monotonic() - began, whole)
+
+
 def test_sigterm_finishes_the_request_in_flight_then_exits(server, client):
     """Last: it stops the module's server."""
     process, url = server
@@ -260,3 +273,4 @@ def test_a_group_that_fails_while_decoding_fails_alone():
     failed = outbox.get_nowait()
     assert failed[0]["error"]["status"] == 500 and failed[1] is None
     assert decoded == [[jobs[1]]]  # the other request's group still decoded
+

@@ -9,6 +9,7 @@ SIGTERM that lets the requests in flight finish (serve_lifecycle.py; LitServe's 
 SIGTERM is Python's default: the main process dies at once and its workers with it).
 """
 
+import multiprocessing
 import os
 import socket
 from pathlib import Path
@@ -68,8 +69,10 @@ def serve(
     _, tokenizer = load_model(ckpt, "cpu")  # a bad checkpoint gets its one-line error here, not a worker's traceback
     compile = torch_device.type == "cuda" if compile is None else compile
     name = model_name or Path(ckpt).name
-    spec = CompletionsSpec(name, tokenizer.to_dict(), limits)
-    api = CompletionsAPI(ckpt, str(torch_device), compile, spec=spec, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+    cancellations = multiprocessing.get_context("spawn").Queue()  # API server -> worker: requests whose client left
+    spec = CompletionsSpec(name, tokenizer.to_dict(), limits, cancellations)
+    api = CompletionsAPI(ckpt, str(torch_device), compile, spec, cancellations, max_batch_size=max_batch_size,
+                         batch_timeout=batch_timeout)
     server = ls.LitServer(
         api, accelerator="cuda" if torch_device.type == "cuda" else "cpu", devices=1, timeout=queue_timeout,
         max_payload_size=MAX_BODY_BYTES,

@@ -77,9 +77,11 @@ class CompletionsSpec(LitSpec):
     is awaited before answering, so a request the worker refuses still gets a 400.
     """
 
-    def __init__(self, model_name: str, tokenizer_dict: Optional[dict] = None, limits: Limits = Limits()):
+    def __init__(self, model_name: str, tokenizer_dict: Optional[dict] = None, limits: Limits = Limits(),
+                 cancellations=None):
         super().__init__()
         self.limits = limits
+        self.cancellations = cancellations  # a multiprocessing queue: ids of requests whose client left
         self.api_path = "/v1/completions"
         self.model_name = model_name
         self.tokenizer_dict, self._tokenizer = tokenizer_dict, None  # the chat template's, built on first use
@@ -160,7 +162,8 @@ class CompletionsSpec(LitSpec):
         """The worker's messages for this request, decoded, ending with the one that holds the usage."""
         queue, event = deque(), asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(response_queue=queue, event=event)
-        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), request.model_dump()))
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), {**request.model_dump(), "request_id": uid}))
+        finished = False
         try:
             async for data, status in self.data_streamer(queue, event, send_status=True):
                 if status == LitAPIStatus.ERROR:
@@ -169,12 +172,15 @@ class CompletionsSpec(LitSpec):
                 if data is None:  # a step of the batch that had nothing for this request
                     continue
                 message = json.loads(data)
+                finished = "usage" in message or "error" in message
                 yield message
-                if "usage" in message or "error" in message:
+                if finished:
                     return
             yield error_body("the inference worker stopped before finishing this request", kind="server_error")
         finally:
             self.response_buffer.pop(uid, None)  # later steps of the batch for this request are dropped
+            if not finished and self.cancellations is not None:
+                self.cancellations.put(uid)  # the client left (or timed out): the worker stops decoding it
 
     async def events(self, request: CompletionRequest, header: dict, first: dict, messages, chat: bool = False):
         """Server-sent events in OpenAI's format: text chunks, the optional usage chunk, `data: [DONE]`."""

@@ -34,6 +34,9 @@ def load_model(ckpt: str, device: torch.device):
     return PicoGPT.from_checkpoint(checkpoint).eval().to(device), Tokenizer.from_checkpoint(checkpoint)
 
 
+MAX_REMEMBERED_DEPARTURES = 4096
+
+
 class GroupFinished(Exception):
     """Raised by the streamer to end `model.generate` once every row has met its stop or max_tokens."""
 
@@ -91,6 +94,7 @@ class Job:
     settings: dict
     seed: Optional[int]
     prompt_tokens: int
+    request_id: Optional[str] = None  # the API server's id, by which a client's leaving is told
     error: Optional[str] = None
     position: int = 0
     reported: bool = False
@@ -110,7 +114,7 @@ class Job:
             Row(number * request["n"] + sample, prompt, request["max_tokens"], stops, prompt if request["echo"] else "")
             for number, prompt in enumerate(prompts) for sample in range(request["n"])
         ]
-        job = cls(rows, settings, request["seed"] if not greedy else None, 0)
+        job = cls(rows, settings, request["seed"] if not greedy else None, 0, request.get("request_id"))
         try:  # a prompt the tokenizer cannot encode is this request's error, not its batch's
             job.prompt_tokens = sum(len(tokenizer.encode(prompt, add_special_tokens=True)) for prompt in prompts)
         except UserError as error:
@@ -144,13 +148,19 @@ class Job:
 class RowStreamer:
     """transformers' streamer interface over a group's rows: each step's new tokens become each request's message."""
 
-    def __init__(self, jobs: List[Job], batch_size: int, outbox: queue.Queue, tokenizer: Tokenizer, eos):
+    def __init__(self, jobs: List[Job], batch_size: int, outbox: queue.Queue, tokenizer: Tokenizer, eos,
+                 departed=lambda: ()):
         self.jobs, self.batch_size, self.outbox, self.tokenizer, self.eos = jobs, batch_size, outbox, tokenizer, eos
         self.rows = [(job, row) for job in jobs for row in job.rows]
+        self.departed = departed  # the ids of requests whose clients have left
 
     def put(self, tokens: torch.Tensor) -> None:
         if tokens.dim() == 2:
             return  # the prompts, called once before the first step
+        gone = self.departed()
+        for job, row in self.rows:
+            if job.request_id in gone and row.finish_reason is None:  # nobody reads it: decode no further
+                row.finish_reason, job.reported = "cancelled", True
         choices = {id(job): [] for job in self.jobs}
         for (job, row), token in zip(self.rows, tokens.tolist()):  # rows past self.rows pad the batch: ignored
             if row.finish_reason is None:
@@ -181,9 +191,10 @@ class RowStreamer:
 class CompletionsAPI(ls.LitAPI):
     """Loads the checkpoint in the worker (`setup`) and decodes each batch LitServe collects (`predict`)."""
 
-    def __init__(self, ckpt: str, device: str, compile: bool, spec, **batching):
+    def __init__(self, ckpt: str, device: str, compile: bool, spec, cancellations=None, **batching):
         super().__init__(spec=spec, **batching)
         self.ckpt, self.device_name, self.compile = ckpt, device, compile
+        self.cancellations, self.gone = cancellations, {}  # requests whose clients left, as the API server says
 
     def setup(self, device) -> None:
         # LitServe names a device per worker; --device already chose (and checked) the exact one
@@ -262,7 +273,7 @@ class CompletionsAPI(ls.LitAPI):
         if group[0].seed is not None:
             torch.manual_seed(group[0].seed)
         eos = self.tokenizer.eos_token_id
-        streamer = RowStreamer(group, batch_size, outbox, self.tokenizer, eos)
+        streamer = RowStreamer(group, batch_size, outbox, self.tokenizer, eos, self.departed)
         try:
             self.model.generate(
                 input_ids, attention_mask=attention_mask, generation_config=config, streamer=streamer,
@@ -270,6 +281,17 @@ class CompletionsAPI(ls.LitAPI):
             )
         except GroupFinished:
             pass
+
+    def departed(self) -> set:
+        """The requests whose clients have left, as far as the API server has said (read without waiting)."""
+        while self.cancellations is not None:
+            try:
+                self.gone[self.cancellations.get_nowait()] = None
+            except queue.Empty:
+                break
+        while len(self.gone) > MAX_REMEMBERED_DEPARTURES:  # the oldest have long been decoded or dropped
+            del self.gone[next(iter(self.gone))]
+        return self.gone.keys()
 
     def compiled_shape(self, prompts: List[str], max_tokens: int):
         """Rows and max_new_tokens to decode with: when compiling, the batch padded to a power of two and the
