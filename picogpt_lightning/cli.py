@@ -132,7 +132,11 @@ def idle_cores(interval: float = 0.05) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    with exits_on_signals():  # from the first moment: a signal while the command still imports is one line too
+        dispatch(list(sys.argv[1:] if argv is None else argv))
+
+
+def dispatch(argv: List[str]) -> None:
     set_thread_defaults()
     if not argv or argv[0] in ("-h", "--help"):
         print_help()
@@ -148,6 +152,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             from picogpt_lightning.lightning_cli import run_lightning
 
             run_lightning([name] + rest)
+    except BrokenPipeError:  # the reader went away (`generate ... | head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
+        sys.exit(128 + 13)  # as SIGPIPE would
     except Exception as error:
         user_error = find_user_error(error)
         if user_error is None or os.environ.get("PICOGPT_DEBUG"):

@@ -186,10 +186,15 @@ def test_overwrite_replaces_an_earlier_output_of_the_same_command(workdir, monke
 
     monkeypatch.chdir(workdir)
     main(COMMANDS["export"])
-    (workdir / "out" / "stale.txt").write_text("from the earlier export")
+    earlier = (workdir / "out" / "config.json").stat().st_mtime_ns
     main(COMMANDS["export"] + ["--overwrite", "true"])
-    assert not (workdir / "out" / "stale.txt").exists() and (workdir / "out" / OUTPUT_MARKER).is_file()
+    assert (workdir / "out" / "config.json").stat().st_mtime_ns != earlier and (workdir / "out" / OUTPUT_MARKER).is_file()
     assert not [name for name in names(workdir) if name.startswith(".")]
+    # a file added to it since is someone's own: the folder is no longer only what export wrote
+    (workdir / "out" / "my_notes.txt").write_text("mine")
+    line = main_error(COMMANDS["export"] + ["--overwrite", "true"], workdir, monkeypatch)
+    assert "--overwrite replaces only an earlier output of this command" in line, line
+    assert (workdir / "out" / "my_notes.txt").read_text() == "mine"
 
 
 def test_a_refused_write_leaves_no_folder_it_made(workdir, monkeypatch):

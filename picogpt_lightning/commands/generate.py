@@ -13,6 +13,7 @@ import torch
 
 from picogpt_lightning import PicoGPT, checkpoints
 from picogpt_lightning.errors import InputNotFound, UserError
+from picogpt_lightning.generation.settings import SEED_RANGE
 from picogpt_lightning.generation import TextStream, encode_prompts, generate_texts, resolve_generation_config
 from picogpt_lightning.textfiles import read_text
 from picogpt_lightning.tokenizer import Tokenizer
@@ -74,7 +75,7 @@ def generate(
         early_stopping=early_stopping,
         num_return_sequences=num_return_sequences if num_beams > 1 else num_samples,
     )
-    torch.manual_seed(seed)
+    torch.manual_seed(check_seed(seed))
     if stream and num_beams == 1:
         stream_texts(model, tokenizer, prompts, generation_config, num_samples, stop_at_eos, device)
         return
@@ -163,3 +164,10 @@ def read_prompts(prompt: Optional[str], prompts_file: Optional[str]) -> List[str
     else:
         prompts = [prompt]
     return [text.replace("\\n", "\n") for text in prompts]
+
+
+
+def check_seed(seed: int) -> int:
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise UserError(f"--seed {seed} is out of range; pick an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
+    return seed

@@ -1,6 +1,7 @@
 """The check every command that writes a file or directory makes before it reads anything, and the hold it keeps
 on the output while it writes."""
 
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,13 +51,21 @@ def check_output(out, overwrite: bool, inputs: Iterable = (), directory: bool = 
 
 
 def has_marker(directory: Path) -> bool:
-    return (directory / OUTPUT_MARKER).is_file()
+    """Whether `directory` is a command's output as it wrote it: its marker, naming every entry there is now
+    (a file added since, the user's own, would be lost by replacing it)."""
+    try:
+        written = set(json.loads((directory / OUTPUT_MARKER).read_text()).get("entries", ()))
+    except (OSError, ValueError, AttributeError):
+        return False
+    return {entry.name for entry in directory.iterdir()} - {OUTPUT_MARKER} <= written
 
 
 def write_marker(directory: str, command: str) -> None:
-    """The OUTPUT_MARKER in a directory being written (its staging directory, renamed whole into place)."""
+    """The OUTPUT_MARKER in a directory written whole (its staging directory, renamed into place), naming its entries."""
+    entries = sorted(name for name in os.listdir(directory) if name != OUTPUT_MARKER)
     with open(os.path.join(directory, OUTPUT_MARKER), "w") as file:  # inside a staging directory fsynced whole
-        file.write(f'{{"written_by": "python -m picogpt_lightning {command}"}}\n')
+        json.dump({"written_by": f"python -m picogpt_lightning {command}", "entries": entries}, file)
+        file.write("\n")
 
 
 @contextmanager

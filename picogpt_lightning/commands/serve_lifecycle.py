@@ -63,8 +63,20 @@ def run_until_stopped(server, drain: Drain, **run_options) -> None:
         server.run(**run_options)
     except KeyboardInterrupt:  # a SIGTERM during start-up: nothing was in flight
         pass
+    except Exception as error:  # noqa: BLE001 - LitServe broke under us (its manager died): the same one line
+        if not stopping.is_set():
+            stop_everything(f"serve stopped: LitServe failed with {type(error).__name__} (a process of it died?)")
+        raise
     finally:
         stopping.set()
+
+
+def stop_everything(reason: str) -> None:
+    """One line, every child process killed, exit 1: what a supervisor needs to start the server again."""
+    print(f"error: {reason}; stopping the server so that it can be restarted", file=sys.stderr, flush=True)
+    for child in multiprocessing.active_children():
+        child.kill()
+    os._exit(1)
 
 
 def exit_when_a_process_dies(stopping: threading.Event, interval: float = 0.2) -> None:
@@ -78,12 +90,7 @@ def exit_when_a_process_dies(stopping: threading.Event, interval: float = 0.2) -
             dead = next((child for child in seen.values() if child.exitcode is not None), None)
             # a Ctrl+C reaches the whole process group at once: give the main process's handler time to say so
             if dead is not None and not stopping.wait(0.5):
-                print(f"error: serve's process {dead.name} (pid {dead.pid}) died with exit code {dead.exitcode}; "
-                      "stopping the server so that it can be restarted", file=sys.stderr, flush=True)
-                for child in seen.values():
-                    if child.exitcode is None:
-                        child.kill()
-                os._exit(1)
+                stop_everything(f"serve's process {dead.name} (pid {dead.pid}) died with exit code {dead.exitcode}")
 
     threading.Thread(target=watch, name="serve-watchdog", daemon=True).start()
 

@@ -9,6 +9,7 @@ from typing import List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from picogpt_lightning.generation.settings import SEED_RANGE
 from picogpt_lightning.errors import UserError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a prompt far longer than any block_size here, far short of a memory problem
@@ -18,7 +19,6 @@ MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's 4 stop strings; each matched agai
 MIN_TEMPERATURE = 1e-4  # below it logits / temperature leave float32's range; 0 asks for greedy decoding
 MIN_TOP_P = 1e-6
 PENALTY_RANGE = (1e-3, 1e3)  # repetition_penalty divides or multiplies logits by it
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
 UNSUPPORTED = {  # OpenAI parameters this server knows but does not implement: refused unless left at their no-op value
     "suffix": None, "logprobs": None, "best_of": None, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0,
 }
@@ -114,7 +114,7 @@ class CompletionRequest(Sampling):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str = Field(min_length=1)  # an empty turn: most likely a client's bug, as an empty prompt is
     name: Optional[str] = None  # accepted and ignored
 
 

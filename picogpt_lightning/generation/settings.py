@@ -21,6 +21,8 @@ MIN_TOP_P = float(torch.finfo(torch.float32).eps)
 # cache_implementation: None (or "dynamic") is the growing cache, "static" the preallocated one
 CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # the seeds torch.manual_seed takes
+
 
 def resolve_generation_config(generation_config: Optional[GenerationConfig] = None, **kwargs) -> GenerationConfig:
     """A copy of `generation_config` (or a fresh one) updated by `kwargs`, unset fields filled from DEFAULTS."""
