@@ -164,6 +164,32 @@ def test_sigint_while_generate_streams_is_one_line(workdir):
     assert [line for line in stderr.splitlines() if line.strip()] == ["SIGINT: stopped (exit 130)"]
 
 
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_the_command_still_imports_is_one_line(workdir, signum, status):
+    """Within the first second a command is still importing torch and the rest: no traceback, no silent death."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "picogpt_lightning", "generate", "--ckpt", "model.ckpt", "--prompt", "to"],
+        cwd=workdir, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == status
+    name = signal.Signals(signum).name
+    assert [line for line in stderr.splitlines() if line.strip()] == [f"{name}: stopped (exit {status})"]
+
+
+def test_generate_into_a_closed_pipe_stops_quietly(workdir):
+    """`generate ... | head`: the reader leaves early; the writer stops without a traceback (141, as SIGPIPE would)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "picogpt_lightning", "generate", "--ckpt", "model.ckpt", "--prompt", "to",
+         "--max_new_tokens", "1000000"],
+        cwd=workdir, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.read(20)
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 141 and "Traceback" not in stderr, stderr
+
+
 # ---- --overwrite replaces only an earlier output of the same command -----------------------------
 
 

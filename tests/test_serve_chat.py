@@ -120,3 +120,30 @@ def test_a_dead_process_stops_the_server_with_one_line_and_status_1(folder, vict
     errors = [line for line in process.stderr.read().splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "died" in errors[0]
     assert not healthy(url)
+
+
+def test_queue_timeout_bounds_the_wait_for_a_first_token(folder):
+    """Behind a long request in a batch of one, a request waits at most --queue_timeout, then gets a 504."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "picogpt_lightning", "serve", "--ckpt", folder, "--port", str(port), "--log_level", "error",
+         "--max_batch_size", "1", "--queue_timeout", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while not healthy(url):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.2)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    try:
+        long = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4000, temperature=0, stream=True)
+        next(iter(long))  # decoding: the only batch slot is taken
+        began = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as error:
+            client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2, temperature=0)
+        assert error.value.status_code == 504 and time.monotonic() - began < 30
+        long.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

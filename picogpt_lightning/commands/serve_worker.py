@@ -210,13 +210,16 @@ class CompletionsAPI(ls.LitAPI):
             job.position = position
         return list(jobs)
 
-    def predict(self, jobs: List[Job], **kwargs):
+    def predict(self, jobs, **kwargs):
+        single = isinstance(jobs, Job)  # --max_batch_size 1: LitServe hands over one request, not a batch
         outbox = queue.Queue()
-        self.inbox.put((jobs, outbox))
+        self.inbox.put(([jobs] if single else jobs, outbox))
         while (outputs := outbox.get()) is not FINISHED:
             if isinstance(outputs, BaseException):
                 raise outputs  # a bug, not a bad request: LitServe answers 500 for this batch
-            yield outputs
+            if single and outputs[0] is None:
+                continue  # nothing for the one request this step
+            yield outputs[0] if single else outputs
 
     def encode_response(self, outputs, **kwargs):
         yield from outputs  # already the API server's messages; LitServe writes dicts as JSON
