@@ -28,12 +28,11 @@ def folder(tmp_path_factory, corpus_path):
     return str(llama_folder(tmp_path_factory.mktemp("chat") / "model", corpus_path.read_text()[:200_000]))
 
 
-@pytest.fixture(scope="module")
-def client(folder):
+def start_server(folder, *flags):
+    """`serve --ckpt folder` on a free port, once healthy: (process, url)."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "picogpt_lightning", "serve", "--ckpt", folder, "--port", str(port), "--log_level", "warning",
-         "--api_key", KEY, "--max_prompt_tokens", "128"],
+        [sys.executable, "-m", "picogpt_lightning", "serve", "--ckpt", folder, "--port", str(port), *flags],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -42,6 +41,12 @@ def client(folder):
         assert process.poll() is None, process.stderr.read()
         assert time.monotonic() < deadline, "the server did not become healthy in 120 s"
         time.sleep(0.2)
+    return process, url
+
+
+@pytest.fixture(scope="module")
+def client(folder):
+    process, url = start_server(folder, "--log_level", "warning", "--api_key", KEY, "--max_prompt_tokens", "128")
     yield openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     process.terminate()
     process.wait(timeout=60)
@@ -100,16 +105,7 @@ def test_without_the_key_a_401_and_no_schema_pages(client):
 
 @pytest.mark.parametrize("victim", ["worker", "api"])
 def test_a_dead_process_stops_the_server_with_one_line_and_status_1(folder, victim):
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "picogpt_lightning", "serve", "--ckpt", folder, "--port", str(port), "--log_level", "error"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while not healthy(url):
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-        time.sleep(0.2)
+    process, url = start_server(folder, "--log_level", "error")
     children = subprocess.run(["pgrep", "-P", str(process.pid), "-a"], capture_output=True, text=True).stdout.splitlines()
     # LitServe spawns the inference worker and forks the API server, last of its children
     workers = [int(line.split()[0]) for line in children if "spawn_main" in line]
@@ -124,17 +120,7 @@ def test_a_dead_process_stops_the_server_with_one_line_and_status_1(folder, vict
 
 def test_queue_timeout_bounds_the_wait_for_a_first_token(folder):
     """Behind a long request in a batch of one, a request waits at most --queue_timeout, then gets a 504."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "picogpt_lightning", "serve", "--ckpt", folder, "--port", str(port), "--log_level", "error",
-         "--max_batch_size", "1", "--queue_timeout", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while not healthy(url):
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-        time.sleep(0.2)
+    process, url = start_server(folder, "--log_level", "error", "--max_batch_size", "1", "--queue_timeout", "1")
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     try:
         long = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4000, temperature=0, stream=True)
