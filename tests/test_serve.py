@@ -221,25 +221,29 @@ def test_a_client_that_leaves_mid_stream_stops_its_decoding(client):
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits(server, client):
-    """Last: it stops the module's server."""
+    """Last: it stops the module's server. The steps wait on the server's state (the first chunk, /health turning
+    503), not on the decoding's speed; the streamed request is long enough to be in flight throughout."""
     process, url = server
-    stream = client.completions.create(model="tiny", prompt="to", max_tokens=400, temperature=0, stream=True)
+    stream = client.completions.create(model="tiny", prompt="to", max_tokens=3000, temperature=0, stream=True)
     chunks = iter(stream)
     first = next(chunks)  # the request is being decoded now
     queued = {}
     behind = threading.Thread(target=lambda: queued.update(r=client.completions.create(
         model="tiny", prompt="to", max_tokens=4, temperature=0)))
     behind.start()  # waits in LitServe's queue for the streaming request's batch to end
-    time.sleep(0.5)
+    time.sleep(0.3)
     process.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while healthy(url):  # the drain begins: /health answers 503, so a load balancer stops sending here
+        assert time.monotonic() < deadline, "/health still says ok 10 s after SIGTERM"
+        time.sleep(0.02)
     began = time.monotonic()  # a request that arrives during the drain: a quick 503, not a hang
     status, text = post(url + "/v1/completions", json.dumps({"prompt": "to", "max_tokens": 2}).encode())
     assert status == 503 and "shutting down" in json.loads(text)["error"]["message"]
     assert time.monotonic() - began < 5
     rest = list(chunks)
     behind.join(timeout=60)
-    assert len(first.choices[0].text + "".join(chunk.choices[0].text for chunk in rest)) == 400
+    assert len(first.choices[0].text + "".join(chunk.choices[0].text for chunk in rest)) == 3000
     assert rest[-1].choices[0].finish_reason == "length"
     assert len(queued["r"].choices[0].text) == 4
     assert process.wait(timeout=60) == 0

@@ -32,19 +32,21 @@ class Drain:
 
 class DrainGate:
     """ASGI middleware: counts the /v1 requests in flight until their last byte is sent; once draining, answers
-    new ones 503 in OpenAI's error shape at once."""
+    new ones 503 in OpenAI's error shape at once, and /health 503 too, so a load balancer stops sending here."""
 
     def __init__(self, app, drain: Drain):
         self.app, self.drain = app, drain
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["path"] == "/health" and self.drain.draining.is_set():
+            return await answer_503(send, b"draining", b"text/plain")
+        if not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         if self.drain.draining.is_set():
             body = json.dumps({"error": {"message": DRAIN_MESSAGE, "type": "server_error", "param": None, "code": None}})
-            await send({"type": "http.response.start", "status": 503,
-                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
-            return await send({"type": "http.response.body", "body": body.encode()})
+            return await answer_503(send, body.encode(), b"application/json")
         with self.drain.in_flight.get_lock():
             self.drain.in_flight.value += 1
         try:
@@ -52,6 +54,12 @@ class DrainGate:
         finally:
             with self.drain.in_flight.get_lock():
                 self.drain.in_flight.value -= 1
+
+
+async def answer_503(send, body: bytes, content_type: bytes) -> None:
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", content_type), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def run_until_stopped(server, drain: Drain, **run_options) -> None:
