@@ -1,8 +1,8 @@
 """python -m picogpt_lightning serve, end to end: a real server process, the `openai` client, and
 `generate`'s output as the reference for what the server must write.
 
-One server for the module (starting one takes seconds); its batch_timeout is long enough that
-requests sent together are decoded as one batch. The SIGTERM test stops it, so it runs last.
+One server for the module (starting one takes seconds); requests sent together join one continuous
+batch. The SIGTERM test stops it, so it runs last.
 """
 
 import json
@@ -69,7 +69,7 @@ def server(checkpoint):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "picogpt_lightning", "serve", "--ckpt", checkpoint, "--port", str(port),
-         "--batch_timeout", "0.3", "--log_level", "warning"],
+         "--log_level", "warning"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -124,7 +124,7 @@ def test_streaming_yields_the_same_text_then_done(client, server, checkpoint, ca
 def test_concurrent_requests_are_batched_and_each_is_generates_text(client, checkpoint, capsys):
     prompts = {"to be": 20, "whether 'tis": 12, "the mind": 30, "t": 7}
     expected = {prompt: generated(capsys, checkpoint, prompt, tokens) for prompt, tokens in prompts.items()}
-    with ThreadPoolExecutor(len(prompts)) as pool:  # sent together: left-padded rows of one batch
+    with ThreadPoolExecutor(len(prompts)) as pool:  # sent together: rows of one continuous batch
         futures = {
             prompt: pool.submit(client.completions.create, model="tiny", prompt=prompt, max_tokens=tokens, temperature=0)
             for prompt, tokens in prompts.items()
@@ -139,7 +139,7 @@ def test_a_seeded_sample_beside_greedy_requests_is_generates_sample(client, chec
     expected_sample = generated(capsys, checkpoint, "to", 30, *sample_options)
     expected_greedy = generated(capsys, checkpoint, "to", 30)
     assert expected_sample != expected_greedy
-    with ThreadPoolExecutor(3) as pool:  # different settings in one LitServe batch: decoded apart, each with its own
+    with ThreadPoolExecutor(3) as pool:  # different settings in one batch: each row chooses by its own
         sample = pool.submit(
             client.completions.create, model="tiny", prompt="to", max_tokens=30, temperature=0.9, seed=5,
             extra_body={"top_k": 10},
@@ -207,19 +207,6 @@ def test_the_openai_client_raises_bad_request_for_a_refused_request_in_a_batch_o
         client.completions.create(model="tiny", prompt="to", extra_body={"beams": 2})
 
 
-def test_a_client_that_leaves_mid_stream_stops_its_decoding(client):
-    """Without the stop the worker would decode the whole max_tokens before the batch behind it could start."""
-    began = time.monotonic()
-    list(client.completions.create(model="tiny", prompt="to", max_tokens=1500, temperature=0, stream=True))
-    whole = time.monotonic() - began  # the same request, read to its end
-    stream = client.completions.create(model="tiny", prompt="to", max_tokens=1500, temperature=0, stream=True)
-    next(iter(stream))
-    stream.close()  # the client leaves after its first token
-    began = time.monotonic()
-    assert client.completions.create(model="tiny", prompt="to", max_tokens=2, temperature=0).choices[0].text
-    assert time.monotonic() - began < whole / 2, (time.monotonic() - began, whole)
-
-
 def test_sigterm_finishes_the_request_in_flight_then_exits(server, client):
     """Last: it stops the module's server. The steps wait on the server's state (the first chunk, /health turning
     503), not on the decoding's speed; the streamed request is long enough to be in flight throughout."""
@@ -250,31 +237,57 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(server, client):
     assert not healthy(url)
 
 
-def test_a_group_that_fails_while_decoding_fails_alone():
-    """A fault in one group's decoding (a bug, not a bad request) is that group's 500; the next group decodes."""
-    import queue
+def worker_answers(api, requests: dict) -> dict:
+    """Drives the worker as LitServe's loop does: each request's messages, once every one has ended."""
+    from litserve.utils import LitAPIStatus
 
     from picogpt_lightning.commands.serve_requests import CompletionRequest
-    from picogpt_lightning.commands.serve_worker import CompletionsAPI, Job
 
-    tokenizer = build_tokenizer("char", TEXT)
-    requests = [CompletionRequest(prompt="to", temperature=0).model_dump(),
-                CompletionRequest(prompt="be", temperature=0.5, seed=1).model_dump()]
-    jobs = [Job.from_request(request, tokenizer) for request in requests]
-    for position, job in enumerate(jobs):
-        job.position = position
-    api = CompletionsAPI.__new__(CompletionsAPI)
-    decoded = []
+    for uid, body in requests.items():
+        api.add_request(uid, CompletionRequest(**body).model_dump())
+    messages, ended = {uid: [] for uid in requests}, set()
+    while api.has_active_requests():
+        for output in api.step():
+            if output.status == LitAPIStatus.FINISH_STREAMING:
+                ended.add(output.uid)
+            else:
+                messages[output.uid].append(output.output)
+    assert ended == set(requests)
+    return messages
 
-    def generate_rows(group, batch_size, outbox):
-        if group[0].seed is None:
-            raise RuntimeError("a fault in the first group")
-        decoded.append(group)
 
-    api.generate_rows = generate_rows
-    outbox = queue.Queue()
-    api.decode_batch(jobs, outbox)
-    failed = outbox.get_nowait()
-    assert failed[0]["error"]["status"] == 500 and failed[1] is None
-    assert decoded == [[jobs[1]]]  # the other request's group still decoded
+def text_of(messages: list) -> str:
+    return "".join(delta for message in messages for _, delta, _ in message["choices"])
 
+
+def test_a_fault_while_admitting_fails_that_request_alone_and_one_in_the_shared_step_fails_the_running_ones(
+    checkpoint, capsys, monkeypatch
+):
+    """A fault (a bug, not a bad request) in one request's prefill is its 500 alone, the one beside it decodes as it
+    would alone; a fault in the step shared by all fails those running with a 500, and the next request decodes."""
+    from picogpt_lightning.commands.serve_worker import CompletionsAPI
+
+    expected = generated(capsys, checkpoint, "to", 12)
+    api = CompletionsAPI(checkpoint, "cpu", False, spec=None)
+    api.setup("cpu")
+    admit = api.batch.admit
+
+    def admit_failing_for_be(prompts, *args):
+        if prompts == [api.tokenizer.encode("be", add_special_tokens=True)]:
+            raise RuntimeError("a fault in this request's prefill")
+        return admit(prompts, *args)
+
+    monkeypatch.setattr(api.batch, "admit", admit_failing_for_be)
+    answers = worker_answers(api, {"good": dict(prompt="to", max_tokens=12, temperature=0),
+                                   "bad": dict(prompt="be", max_tokens=12, temperature=0.5, seed=1)})
+    assert [message["error"]["status"] for message in answers["bad"]] == [500]
+    assert text_of(answers["good"]) == expected
+
+    step = api.batch.decode_step
+    monkeypatch.setattr(api.batch, "decode_step", lambda *args: 1 / 0)
+    answers = worker_answers(api, {"a": dict(prompt="to", max_tokens=5, temperature=0),
+                                   "b": dict(prompt="t", max_tokens=5, temperature=0)})
+    assert all(messages[-1]["error"]["status"] == 500 for messages in answers.values())
+    monkeypatch.setattr(api.batch, "decode_step", step)
+    assert not api.batch.busy()  # the failed requests' rows are free again
+    assert text_of(worker_answers(api, {"c": dict(prompt="to", max_tokens=12, temperature=0)})["c"]) == expected

@@ -118,8 +118,9 @@ def test_a_dead_process_stops_the_server_with_one_line_and_status_1(folder, vict
     assert not healthy(url)
 
 
-def test_queue_timeout_bounds_the_wait_for_a_first_token(folder):
-    """Behind a long request in a batch of one, a request waits at most --queue_timeout, then gets a 504."""
+def test_queue_timeout_bounds_the_wait_and_a_client_that_leaves_frees_its_row(folder):
+    """Behind a long request in a batch of one row, a request waits at most --queue_timeout, then gets a 504; once
+    the long request's client leaves, its row is free for the next request at once (its decoding stopped)."""
     process, url = start_server(folder, "--log_level", "error", "--max_batch_size", "1", "--queue_timeout", "1")
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     try:
@@ -129,7 +130,9 @@ def test_queue_timeout_bounds_the_wait_for_a_first_token(folder):
         with pytest.raises(openai.APIStatusError) as error:
             client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2, temperature=0)
         assert error.value.status_code == 504 and time.monotonic() - began < 30
-        long.close()
+        long.close()  # 4000 tokens would hold the row past the next request's --queue_timeout
+        reply = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2, temperature=0)
+        assert reply.choices[0].finish_reason in ("length", "stop")
     finally:
         process.terminate()
         process.wait(timeout=60)

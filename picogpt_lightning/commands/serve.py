@@ -3,7 +3,8 @@ through LitServe.
 
 LitServe runs the pieces: an API server process (FastAPI + uvicorn) that validates each
 request (serve_api.py) and queues it, and an inference worker process that loads the
-checkpoint and decodes what LitServe batches (serve_worker.py). What LitServe leaves to
+checkpoint and decodes every request in flight as one continuous batch (serve_worker.py,
+serve_loop.py). What LitServe leaves to
 its caller is here: checking the flags, OpenAI's error shape for FastAPI's errors, and a
 SIGTERM that lets the requests in flight finish (serve_lifecycle.py; LitServe's own handling of
 SIGTERM is Python's default: the main process dies at once and its workers with it).
@@ -27,7 +28,6 @@ def serve(
     port: int = 8000,
     device: str = "cpu",
     max_batch_size: int = 16,
-    batch_timeout: float = 0.01,
     compile: Optional[bool] = None,
     queue_timeout: float = 120.0,
     model_name: Optional[str] = None,
@@ -46,8 +46,8 @@ def serve(
         host: the interface to listen on: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface).
         port: the TCP port, 1024 to 65535.
         device: "cpu", "cuda" or any torch device to decode on.
-        max_batch_size: requests that arrive together are decoded as one batch of up to this many.
-        batch_timeout: seconds to wait for more requests to fill a batch once one has arrived.
+        max_batch_size: the most sequences decoded at once (every prompt x n of the requests in flight); a request
+            joins the running batch at its next step when rows are free, else waits for a running one to end.
         compile: compile the decode step (torch.compile); default: on CUDA only (on CPU a batch shape compiles for seconds).
         queue_timeout: seconds a request may wait for its first token before it is answered 504.
         model_name: the name responses give as "model" (default: the checkpoint's file name).
@@ -63,7 +63,7 @@ def serve(
     from picogpt_lightning.commands.serve_api import MAX_BODY_BYTES, CompletionsSpec, Limits
     from picogpt_lightning.commands.serve_worker import CompletionsAPI, load_model
 
-    torch_device = check_flags(ckpt, host, port, device, max_batch_size, batch_timeout, queue_timeout)
+    torch_device = check_flags(ckpt, host, port, device, max_batch_size, queue_timeout)
     limits = Limits(check_positive("max_prompt_tokens", max_prompt_tokens), check_positive("max_tokens_cap", max_tokens_cap),
                     queue_timeout)
     _, tokenizer = load_model(ckpt, "cpu")  # a bad checkpoint gets its one-line error here, not a worker's traceback
@@ -71,8 +71,7 @@ def serve(
     name = model_name or Path(ckpt).name
     cancellations = multiprocessing.get_context("spawn").Queue()  # API server -> worker: requests whose client left
     spec = CompletionsSpec(name, tokenizer.to_dict(), limits, cancellations)
-    api = CompletionsAPI(ckpt, str(torch_device), compile, spec, cancellations, max_batch_size=max_batch_size,
-                         batch_timeout=batch_timeout)
+    api = CompletionsAPI(ckpt, str(torch_device), compile, spec, cancellations, max_batch_size=max_batch_size)
     server = ls.LitServer(
         api, accelerator="cuda" if torch_device.type == "cuda" else "cpu", devices=1, timeout=queue_timeout,
         max_payload_size=MAX_BODY_BYTES,
@@ -98,7 +97,7 @@ def configure_app(app, api_key: Optional[str], host: str, schema_pages: bool, dr
     app.add_middleware(DrainGate, drain=drain)
 
 
-def check_flags(ckpt, host, port, device, max_batch_size, batch_timeout, queue_timeout):
+def check_flags(ckpt, host, port, device, max_batch_size, queue_timeout):
     """The torch device to decode on, once every flag is one LitServe accepts (its own errors are tracebacks)."""
     if not os.path.exists(ckpt):
         raise InputNotFound(f"--ckpt {ckpt}: no such file; pass a checkpoint written by training or a Hugging Face model folder")
@@ -109,10 +108,8 @@ def check_flags(ckpt, host, port, device, max_batch_size, batch_timeout, queue_t
     check_port_free(host, port)
     if max_batch_size < 1:
         raise UserError(f"--max_batch_size {max_batch_size}: must be at least 1 (1: no batching)")
-    if batch_timeout < 0:
-        raise UserError(f"--batch_timeout {batch_timeout}: must be >= 0 seconds")
-    if not queue_timeout > batch_timeout:
-        raise UserError(f"--queue_timeout {queue_timeout}: must be longer than --batch_timeout ({batch_timeout})")
+    if not queue_timeout > 0:
+        raise UserError(f"--queue_timeout {queue_timeout}: must be a positive number of seconds")
     return check_device(device)
 
 

@@ -1,44 +1,39 @@
-"""The inference side of `serve`: a LitAPI that decodes a LitServe batch of completion requests together.
+"""The inference side of `serve`: a LitAPI that decodes every request in one continuous batch.
 
-LitServe's batched streaming loop hands `predict` the requests that arrived within
-batch_timeout (up to max_batch_size) and sends each step's list of outputs, one per
-request, back to the API server. Requests with the same sampling settings are one group,
-its rows (every prompt x n of every request) left-padded into one `model.generate(...,
-cache_implementation="static")`; groups with different settings run one after the other,
-never with each other's settings, and a request with a seed runs alone, so that its seed
-alone decides its samples. `model.generate` calls back a streamer and does not yield, so
-it runs in one long-lived decoding thread (one thread, so compiled CUDA graphs are
-reused) and `predict` yields what that thread's streamer queues.
+LitServe's continuous-batching loop (serve_loop.py) hands each request to `add_request` as it
+arrives and calls `step` while any is active. A step takes the new requests in, admits those
+that fit into the batch's free rows (their prompts prefilled, their first tokens chosen),
+decodes one token for every running row (`generation/continuous.py`), and returns each
+request's new text as one message: a request joins the running batch at the next step and
+leaves it as soon as its rows are done, never waiting for a longer one ahead of it. Each request
+keeps `generate`'s rules for its own tokens (a seed decides its samples whatever runs beside it).
 """
 
 import queue
-import threading
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import litserve as ls
 import torch
+from litserve.loops.continuous_batching_loop import Output
+from litserve.utils import LitAPIStatus
 
 from picogpt_lightning import PicoGPT, checkpoints
+from picogpt_lightning.commands.serve_loop import JoiningLoop
 from picogpt_lightning.errors import UserError, first_line
-from picogpt_lightning.generation import encode_prompts, resolve_generation_config
+from picogpt_lightning.generation import decode_step_for, resolve_generation_config
+from picogpt_lightning.generation.continuous import Admitted, ContinuousBatch
 from picogpt_lightning.generation.text import IncrementalText
 from picogpt_lightning.tokenizer import Tokenizer
 
-FINISHED = "finished"  # what the decoding thread queues after a batch's last step
+MAX_REMEMBERED_DEPARTURES = 4096
 
 
 def load_model(ckpt: str, device: torch.device):
     checkpoint = checkpoints.load(ckpt)  # read once: weights, config and tokenizer
     return PicoGPT.from_checkpoint(checkpoint).eval().to(device), Tokenizer.from_checkpoint(checkpoint)
-
-
-MAX_REMEMBERED_DEPARTURES = 4096
-
-
-class GroupFinished(Exception):
-    """Raised by the streamer to end `model.generate` once every row has met its stop or max_tokens."""
 
 
 @dataclass
@@ -86,21 +81,22 @@ class Row:
         return max([n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])], default=0)
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
-    """One HTTP request in the worker: its rows, its sampling settings and its position in the batch."""
+    """One HTTP request in the worker: its rows (every prompt x n), its sampling settings, its tokens."""
 
+    uid: str  # LitServe's id, which is also the API server's: by it a client's leaving is told
     rows: List[Row]
+    prompts: List[List[int]]  # the token ids of each prompt
+    n: int
     settings: dict
     seed: Optional[int]
-    prompt_tokens: int
-    request_id: Optional[str] = None  # the API server's id, by which a client's leaving is told
     error: Optional[str] = None
-    position: int = 0
+    admitted: Optional[Admitted] = None  # its rows in the batch, once it has them
     reported: bool = False
 
     @classmethod
-    def from_request(cls, request: dict, tokenizer: Tokenizer) -> "Job":
+    def from_request(cls, uid: str, request: dict, tokenizer: Tokenizer) -> "Job":
         prompts = [request["prompt"]] if isinstance(request["prompt"], str) else request["prompt"]
         stops = [request["stop"]] if isinstance(request["stop"], str) else list(request["stop"] or [])
         greedy = request["temperature"] == 0  # OpenAI's rule: temperature 0 is the most likely token
@@ -114,30 +110,29 @@ class Job:
             Row(number * request["n"] + sample, prompt, request["max_tokens"], stops, prompt if request["echo"] else "")
             for number, prompt in enumerate(prompts) for sample in range(request["n"])
         ]
-        job = cls(rows, settings, request["seed"] if not greedy else None, 0, request.get("request_id"))
-        try:  # a prompt the tokenizer cannot encode is this request's error, not its batch's
-            job.prompt_tokens = sum(len(tokenizer.encode(prompt, add_special_tokens=True)) for prompt in prompts)
+        job = cls(uid, rows, [], request["n"], settings, request["seed"] if not greedy else None)
+        try:  # a prompt the tokenizer cannot encode is this request's error, not the batch's
+            job.prompts = [tokenizer.encode(prompt, add_special_tokens=True) for prompt in prompts]
         except UserError as error:
             job.error = first_line(error)
         return job
-
-    def group_key(self) -> tuple:
-        # a seeded request decodes alone: batched with others, its samples would depend on them
-        return tuple(sorted(self.settings.items())) + ((("seed", self.seed, self.position),) if self.seed is not None else ())
 
     def message(self, choices: list) -> Optional[dict]:
         """This step's message for the API server (None: nothing new), with the usage once every row is done."""
         if self.reported:
             return None
         message = {"choices": choices}
-        if all(row.finish_reason for row in self.rows):
+        if self.done():
             self.reported = True
+            prompt_tokens = sum(len(ids) for ids in self.prompts)
             completion = sum(len(row.ids) for row in self.rows)
             message["usage"] = dict(
-                prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-                total_tokens=self.prompt_tokens + completion,
+                prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion,
             )
         return message if choices or "usage" in message else None
+
+    def done(self) -> bool:
+        return all(row.finish_reason for row in self.rows)
 
     def failure(self, text: str, status: int = 400) -> dict:
         self.reported = True
@@ -145,145 +140,137 @@ class Job:
         return {"error": {"message": text, "type": kind, "param": None, "code": None, "status": status}}
 
 
-class RowStreamer:
-    """transformers' streamer interface over a group's rows: each step's new tokens become each request's message."""
-
-    def __init__(self, jobs: List[Job], batch_size: int, outbox: queue.Queue, tokenizer: Tokenizer, eos,
-                 departed=lambda: ()):
-        self.jobs, self.batch_size, self.outbox, self.tokenizer, self.eos = jobs, batch_size, outbox, tokenizer, eos
-        self.rows = [(job, row) for job in jobs for row in job.rows]
-        self.departed = departed  # the ids of requests whose clients have left
-
-    def put(self, tokens: torch.Tensor) -> None:
-        if tokens.dim() == 2:
-            return  # the prompts, called once before the first step
-        gone = self.departed()
-        for job, row in self.rows:
-            if job.request_id in gone and row.finish_reason is None:  # nobody reads it: decode no further
-                row.finish_reason, job.reported = "cancelled", True
-        choices = {id(job): [] for job in self.jobs}
-        for (job, row), token in zip(self.rows, tokens.tolist()):  # rows past self.rows pad the batch: ignored
-            if row.finish_reason is None:
-                delta = row.add(token, self.tokenizer, self.eos)
-                if delta or row.finish_reason:
-                    choices[id(job)].append([row.index, delta, row.finish_reason])
-        self.send(choices)
-        if all(row.finish_reason for _, row in self.rows):
-            raise GroupFinished
-
-    def end(self) -> None:
-        """After the last step: a row not yet done ran out of tokens."""
-        choices = {id(job): [] for job in self.jobs}
-        for job, row in self.rows:
-            if row.finish_reason is None:
-                row.finish_reason = "length"
-                choices[id(job)].append([row.index, "", "length"])
-        self.send(choices)
-
-    def send(self, choices: dict) -> None:
-        outputs = [None] * self.batch_size
-        for job in self.jobs:
-            outputs[job.position] = job.message(choices[id(job)])
-        if any(output is not None for output in outputs):
-            self.outbox.put(outputs)
-
-
 class CompletionsAPI(ls.LitAPI):
-    """Loads the checkpoint in the worker (`setup`) and decodes each batch LitServe collects (`predict`)."""
+    """Loads the checkpoint in the worker (`setup`); LitServe's continuous-batching loop then calls
+    `add_request` for each arrival and `step` while `has_active_requests`."""
 
-    def __init__(self, ckpt: str, device: str, compile: bool, spec, cancellations=None, **batching):
-        super().__init__(spec=spec, **batching)
+    def __init__(self, ckpt: str, device: str, compile: bool, spec, cancellations=None, max_batch_size: int = 16):
+        super().__init__(spec=spec, max_batch_size=max_batch_size, loop=JoiningLoop())
         self.ckpt, self.device_name, self.compile = ckpt, device, compile
         self.cancellations, self.gone = cancellations, {}  # requests whose clients left, as the API server says
+        self.arrivals = deque()  # (uid, request) from the loop's thread, taken by the decoding thread
+        self.waiting: deque = deque()  # jobs waiting for free rows, first come first admitted
+        self.running: Dict[Admitted, Job] = {}
 
     def setup(self, device) -> None:
         # LitServe names a device per worker; --device already chose (and checked) the exact one
         self.model, self.tokenizer = load_model(self.ckpt, torch.device(self.device_name))
-        self.inbox = queue.Queue()
-        threading.Thread(target=self.decode_forever, name="decode", daemon=True).start()
+        config = resolve_generation_config(cache_implementation="static", disable_compile=not self.compile)
+        step = decode_step_for(config, self.model.lm_head.weight.device)  # one graph per power-of-two row count
+        self.batch = ContinuousBatch(self.model, self.max_batch_size, step)
+        if self.compile:  # every row count's graph now: /health says ok once the server answers at full speed
+            with torch.inference_mode():
+                self.batch.warm_up()
 
-    def decode_request(self, request: dict, **kwargs) -> Job:
-        return Job.from_request(request, self.tokenizer)
+    # ---- what LitServe's continuous-batching loop calls ------------------------------------------------
 
-    def batch(self, jobs: List[Job]) -> List[Job]:
-        for position, job in enumerate(jobs):
-            job.position = position
-        return list(jobs)
+    def add_request(self, uid: str, request: dict) -> None:
+        self.arrivals.append((uid, request))
 
-    def predict(self, jobs, **kwargs):
-        single = isinstance(jobs, Job)  # --max_batch_size 1: LitServe hands over one request, not a batch
-        outbox = queue.Queue()
-        self.inbox.put(([jobs] if single else jobs, outbox))
-        while (outputs := outbox.get()) is not FINISHED:
-            if isinstance(outputs, BaseException):
-                raise outputs  # a bug, not a bad request: LitServe answers 500 for this batch
-            if single and outputs[0] is None:
-                continue  # nothing for the one request this step
-            yield outputs[0] if single else outputs
+    def has_capacity(self) -> bool:
+        """Whether the loop may hand over another request now (else LitServe keeps it pending)."""
+        return len(self.arrivals) + len(self.waiting) < self.max_batch_size
 
-    def encode_response(self, outputs, **kwargs):
-        yield from outputs  # already the API server's messages; LitServe writes dicts as JSON
+    def has_active_requests(self) -> bool:
+        return bool(self.arrivals or self.waiting or self.running)
 
-    def decode_forever(self) -> None:
-        while True:
-            jobs, outbox = self.inbox.get()
-            try:
-                self.decode_batch(jobs, outbox)
-            except BaseException as error:
-                outbox.put(error)
+    def step(self, previous_outputs=None) -> List[Output]:
+        """One step of the batch: arrivals taken in, departed clients' rows freed, waiting requests admitted,
+        one token decoded for every running row. Returns the messages for the API server."""
+        outputs: List[Output] = []
+        with torch.inference_mode():
+            self.take_arrivals(outputs)
+            self.drop_departed(outputs)
+            self.admit_waiting(outputs)
+            if self.running:
+                self.decode_one_token(outputs)
+        return outputs
+
+    def reset(self) -> None:
+        """Forgets every request (after a failed step, whose requests LitServe has answered 500)."""
+        for job in list(self.running.values()):
+            self.batch.release(job.admitted)
+        self.arrivals.clear(), self.waiting.clear(), self.running.clear()
+
+    def encode_response(self, output, **kwargs):
+        return output  # already the API server's message; LitServe writes a dict as JSON
+
+    # ---- the steps -----------------------------------------------------------------------------------
+
+    def take_arrivals(self, outputs: List[Output]) -> None:
+        while self.arrivals:
+            uid, request = self.arrivals.popleft()
+            job = Job.from_request(uid, request, self.tokenizer)
+            if job.error is None and len(job.rows) > self.batch.capacity:
+                job.error = (f"this request asks for {len(job.rows)} sequences (prompts x n); the server decodes at "
+                             f"most {self.batch.capacity} at once (--max_batch_size): send fewer prompts or a smaller n")
+            if job.error is not None:
+                self.finish(job, outputs, job.failure(job.error))
             else:
-                outbox.put(FINISHED)
+                self.waiting.append(job)
 
-    def decode_batch(self, jobs: List[Job], outbox: queue.Queue) -> None:
-        refused = [job.failure(job.error) if job.error else None for job in jobs]
-        if any(refused):
-            outbox.put(refused)
-        groups = {}
-        for job in jobs:
-            if job.error is None:
-                groups.setdefault(job.group_key(), []).append(job)
-        for group in groups.values():
-            self.decode_group(group, len(jobs), outbox)
+    def drop_departed(self, outputs: List[Output]) -> None:
+        """A client that left (or timed out) frees its rows at once; nobody reads what they would make."""
+        gone = self.departed()
+        if not gone:
+            return
+        for job in [job for job in self.waiting if job.uid in gone]:
+            self.waiting.remove(job)
+            self.finish(job, outputs, None)
+        for job in [job for job in self.running.values() if job.uid in gone]:
+            self.finish(job, outputs, None)
 
-    def decode_group(self, group: List[Job], batch_size: int, outbox: queue.Queue) -> None:
+    def admit_waiting(self, outputs: List[Output]) -> None:
+        """Admits the waiting requests in order while their rows fit (one that does not fit waits for the next)."""
+        while self.waiting and len(self.waiting[0].rows) <= self.batch.free_rows():
+            job = self.waiting.popleft()
+            config = resolve_generation_config(max_new_tokens=job.rows[0].max_tokens, **job.settings)
+            try:
+                job.admitted, tokens = self.batch.admit(job.prompts, job.n, config, job.seed)
+            except UserError as error:  # generation's checks: this request's 400
+                self.finish(job, outputs, job.failure(first_line(error)))
+                continue
+            except Exception:  # noqa: BLE001 - a failure in this request's prefill: it alone fails
+                traceback.print_exc()  # the cause, in the server's log
+                self.finish(job, outputs, job.failure("internal error while generating; see the server's log", 500))
+                continue
+            self.running[job.admitted] = job
+            self.send_tokens(job, tokens, outputs)
+
+    def decode_one_token(self, outputs: List[Output]) -> None:
         try:
-            self.generate_rows(group, batch_size, outbox)
-        except UserError as error:  # from generation's checks, before any token of the group
-            if len(group) > 1:  # tell which requests are refused: each alone
-                for job in group:
-                    self.decode_group([job], batch_size, outbox)
-                return
-            outputs = [None] * batch_size
-            outputs[group[0].position] = group[0].failure(first_line(error))
-            outbox.put(outputs)
-        except Exception:  # noqa: BLE001 - a failure while decoding: this group's requests fail, the others go on
-            traceback.print_exc()  # the cause, in the server's log
-            outputs = [None] * batch_size
-            for job in group:
-                if not job.reported:
-                    outputs[job.position] = job.failure("internal error while generating; see the server's log", 500)
-            outbox.put(outputs)
+            stepped = self.batch.step()
+        except Exception:  # noqa: BLE001 - a failure in the shared step: every running request fails, the server goes on
+            traceback.print_exc()
+            for job in list(self.running.values()):
+                self.finish(job, outputs, job.failure("internal error while generating; see the server's log", 500))
+            return
+        for admitted, tokens in stepped:
+            self.send_tokens(self.running[admitted], tokens, outputs)
 
-    def generate_rows(self, group: List[Job], batch_size: int, outbox: queue.Queue) -> None:
-        prompts = [row.prompt for job in group for row in job.rows]
-        max_tokens = max(row.max_tokens for job in group for row in job.rows)
-        rows, max_new_tokens = self.compiled_shape(prompts, max_tokens)
-        input_ids, attention_mask = encode_prompts(self.tokenizer, rows, self.model.lm_head.weight.device)
-        config = resolve_generation_config(
-            max_new_tokens=max_new_tokens, cache_implementation="static", disable_compile=not self.compile,
-            **group[0].settings,
-        )
-        if group[0].seed is not None:
-            torch.manual_seed(group[0].seed)
+    def send_tokens(self, job: Job, tokens: List[int], outputs: List[Output]) -> None:
+        """Each row's new token becomes text; the request's message for this step, and its end once all are done."""
         eos = self.tokenizer.eos_token_id
-        streamer = RowStreamer(group, batch_size, outbox, self.tokenizer, eos, self.departed)
-        try:
-            self.model.generate(
-                input_ids, attention_mask=attention_mask, generation_config=config, streamer=streamer,
-                eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id,
-            )
-        except GroupFinished:
-            pass
+        choices = []
+        for row, token in zip(job.rows, tokens):
+            if row.finish_reason is None:
+                delta = row.add(token, self.tokenizer, eos)
+                if delta or row.finish_reason:
+                    choices.append([row.index, delta, row.finish_reason])
+        message = job.message(choices)
+        if job.done():
+            self.finish(job, outputs, message)
+        elif message is not None:
+            outputs.append(Output(job.uid, message, LitAPIStatus.OK))
+
+    def finish(self, job: Job, outputs: List[Output], last_message: Optional[dict]) -> None:
+        """The request's last message (None: nobody is reading), its rows freed, and LitServe told it ended."""
+        if job.admitted is not None:
+            self.batch.release(job.admitted)
+            self.running.pop(job.admitted, None)
+        if last_message is not None:
+            outputs.append(Output(job.uid, last_message, LitAPIStatus.OK))
+        outputs.append(Output(job.uid, None, LitAPIStatus.FINISH_STREAMING))
 
     def departed(self) -> set:
         """The requests whose clients have left, as far as the API server has said (read without waiting)."""
@@ -295,15 +282,3 @@ class CompletionsAPI(ls.LitAPI):
         while len(self.gone) > MAX_REMEMBERED_DEPARTURES:  # the oldest have long been decoded or dropped
             del self.gone[next(iter(self.gone))]
         return self.gone.keys()
-
-    def compiled_shape(self, prompts: List[str], max_tokens: int):
-        """Rows and max_new_tokens to decode with: when compiling, the batch padded to a power of two and the
-        length rounded up to 32, so a few compiled graphs serve every request (the streamer stops at each
-        row's own max_tokens and ignores padding rows); as asked otherwise."""
-        if not self.compile:
-            return prompts, max_tokens
-        rows = prompts + prompts[-1:] * ((1 << (len(prompts) - 1).bit_length()) - len(prompts))
-        prompt_length = max(len(self.tokenizer.encode(prompt, add_special_tokens=True)) for prompt in prompts)
-        rounded = -(-(prompt_length + max_tokens) // 32) * 32 - prompt_length
-        fits = prompt_length + rounded <= self.model.config.block_size
-        return rows, rounded if fits else max_tokens

@@ -21,7 +21,9 @@ def attention_mask_for(
     """A boolean (B or 1, 1, T, key_count) mask, True = may attend: causal, in the window, not a pad key.
 
     `attention_mask` is (B, tokens so far), 1 = real token, or None (no padding);
-    `key_positions` (key_count,) is the absolute position of each key, -1 for an empty slot;
+    `cache_position` (T,) and `key_positions` (key_count,) are the absolute positions of the new
+    tokens and of each key, -1 for an empty slot; or (B, T) and (B, key_count) when each row keeps
+    its own positions (a `RowCache`: rows of a continuous batch, never padded);
     `window`: a query sees the keys less than `window` positions back, itself included, as
     transformers' sliding_window does (None: every earlier key).
     `contiguous`: the keys are the tokens in the window, in order, the new ones last (no
@@ -35,23 +37,25 @@ def attention_mask_for(
     finite output instead of NaN; real tokens never read pad positions, so that choice
     reaches no real output.
     """
-    new_tokens, key_count = cache_position.shape[0], key_positions.shape[0]
+    new_tokens, key_count = cache_position.shape[-1], key_positions.shape[-1]
     within_window = window is None or key_count <= window
     if attention_mask is None and contiguous and within_window and new_tokens in (1, key_count):
         return None
-    key_pos = key_positions[None, :]
-    query_pos = cache_position[:, None]
-    visible = (key_pos <= query_pos) & (key_pos >= 0)  # (T, key_count): causal, and hides empty slots
+    key_pos = key_positions.unsqueeze(-2)  # (1, keys) or (B, 1, keys)
+    query_pos = cache_position.unsqueeze(-1)  # (T, 1) or (B, T, 1)
+    visible = (key_pos <= query_pos) & (key_pos >= 0)  # causal, and hides empty slots
     if window is not None:
         visible = visible & (key_pos > query_pos - window)
     if attention_mask is None:
-        return visible[None, None]
+        return visible.reshape(-1, 1, new_tokens, key_count)
     keep = attention_mask.index_select(1, key_positions.clamp(min=0))[:, None, None, :].bool()  # (B, 1, 1, keys)
     return (visible & keep) | (key_pos == query_pos)
 
 
 def position_ids_for(attention_mask: Optional[torch.Tensor], cache_position: torch.Tensor, batch: int) -> torch.Tensor:
     """Rotary position of each new token, (batch, T): its count of real tokens before it, so padding shifts nothing."""
+    if cache_position.dim() == 2:  # each row's own positions (a RowCache; no padding)
+        return cache_position
     if attention_mask is None:
         return cache_position[None, :].expand(batch, -1)
     positions = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)

@@ -1,0 +1,56 @@
+"""LitServe's continuous-batching loop, as `serve` runs it.
+
+LitServe's `ContinuousBatchingLoop` takes requests off its queue in the background (its
+`schedule_task` calls `add_request`) and calls the API's `step` while any request is active,
+sending each `Output` to the API server. Three things are changed here:
+
+- a step that has no message for anyone (every row's text held back while it may begin a stop
+  string) is a normal step, not a fault to log and sleep 10 ms on;
+- the steps run on one thread of their own, always the same: compiled steps and CUDA graphs
+  are kept per thread, and the loop's own threads keep reading the request queue meanwhile;
+- with nothing to do it waits a millisecond at a time instead of spinning on the event loop.
+"""
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop
+from litserve.utils import LitAPIStatus, LoopResponseType
+
+IDLE_WAIT = 0.001  # seconds between looks for a first request; a step never waits
+
+logger = logging.getLogger(__name__)
+
+
+class JoiningLoop(ContinuousBatchingLoop):
+    def __init__(self):
+        super().__init__()
+        self.decoder = None  # the one thread that runs steps, made in the worker process
+
+    async def run(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner):
+        if self.decoder is None:
+            self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        loop = asyncio.get_running_loop()
+        while not lit_api.has_active_requests():
+            await asyncio.sleep(IDLE_WAIT)
+        try:
+            while lit_api.has_active_requests():
+                for output in await loop.run_in_executor(self.decoder, lit_api.step, None):
+                    self.send(output, lit_api, transport)
+        except Exception as error:  # noqa: BLE001 - a bug in a step: every request in flight gets a 500, the server goes on
+            logger.exception("the decoding step failed")
+            for uid, response_queue_id in self.response_queue_ids.items():
+                self.put_error_response(transport, response_queue_id, uid, error, LoopResponseType.STREAMING)
+            self.response_queue_ids.clear()
+            self.active_sequences.clear()
+            lit_api.reset()
+
+    def send(self, output, lit_api, transport) -> None:
+        response_queue_id = self.response_queue_ids[output.uid]
+        if output.status == LitAPIStatus.FINISH_STREAMING:
+            self.put_response(transport, response_queue_id, output.uid, "", output.status, LoopResponseType.STREAMING)
+            self.mark_completed(output.uid)
+            return
+        data = lit_api.format_encoded_response(lit_api.encode_response(output.output))
+        self.put_response(transport, response_queue_id, output.uid, data, output.status, LoopResponseType.STREAMING)

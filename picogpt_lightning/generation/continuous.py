@@ -1,0 +1,171 @@
+"""Continuous batching: sequences join a running batch at the next decode step and leave it when done.
+
+`ContinuousBatch` keeps a `RowCache` of `capacity` rows. `admit` gives a request its rows: each
+prompt is prefilled alone (eagerly, a window at a time, as `generate` does), its keys and values
+are copied into the rows it serves, and the first token is chosen. `step` then decodes one token
+for every busy row in one call of the decode step, whatever each row's length; `release` frees a
+request's rows for the next one. Busy rows are kept low, and a step takes the first n rows, n a
+power of two: the compiled step is one graph per n (`compiled.py`), never one per arrival.
+
+Each request keeps `generate`'s rules for its own tokens: repetition penalty, then (sampling)
+temperature, top-k and top-p, in transformers' order; a seeded request draws from its own
+generator, all its rows in one draw per step as `generate` draws them, so its tokens do not
+depend on the requests decoded beside it. Nothing here knows about text or HTTP.
+"""
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig
+from transformers.generation.logits_process import LogitsProcessorList
+
+from picogpt_lightning.generation.decode import CachedScorer, next_token_logits
+from picogpt_lightning.generation.processors import logits_processors
+from picogpt_lightning.generation.settings import validate_inputs
+from picogpt_lightning.model.row_cache import RowCache
+
+
+@dataclass(eq=False)
+class Admitted:
+    """One request's rows (its prompts, each n times, in order) and how they choose their tokens."""
+
+    rows: List[int]
+    config: GenerationConfig
+    warpers: LogitsProcessorList  # temperature, top-k, top-p: what follows the repetition penalty
+    generator: Optional[torch.Generator]  # a seeded request's own; None: torch's global one
+
+    @property
+    def sampling_key(self) -> tuple:
+        """Rows with the same key are drawn in one call: a seeded request's alone, unseeded ones by settings."""
+        if self.generator is not None:
+            return ("seeded", id(self))
+        return ("unseeded", self.config.temperature, self.config.top_k, self.config.top_p)
+
+
+class ContinuousBatch:
+    """Rows of independent sequences over one model, decoded together one token per `step`."""
+
+    def __init__(self, model, capacity: int, decode_step: Callable = next_token_logits):
+        if capacity < 1:
+            raise ValueError(f"a continuous batch needs at least one row, got capacity {capacity}")
+        self.model, self.decode_step = model, decode_step
+        weight = model.lm_head.weight
+        self.device = weight.device
+        self.cache = RowCache(model.config, capacity, self.device, weight.dtype)
+        self.owners: List[Optional[Admitted]] = [None] * capacity
+        self.tokens = torch.zeros(capacity, dtype=torch.long, device=self.device)  # each row's next input
+        self.positions = torch.zeros(capacity, dtype=torch.long, device=self.device)  # and its position
+        # the tokens each row's sequence holds so far, for the repetition penalty
+        self.seen = torch.zeros(capacity, model.config.vocab_size, dtype=torch.bool, device=self.device)
+        self.penalty = torch.ones(capacity, device=self.device)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.owners)
+
+    def free_rows(self) -> int:
+        return self.owners.count(None)
+
+    def busy(self) -> bool:
+        return self.free_rows() < self.capacity
+
+    def admit(self, prompts: List[List[int]], n: int, config: GenerationConfig,
+              seed: Optional[int] = None) -> Tuple[Admitted, List[int]]:
+        """Takes rows for each prompt's n sequences (prompt by prompt), prefills them and chooses their first
+        tokens: (the request's handle, those tokens). Raises ValueError if too few rows are free."""
+        for prompt in prompts:  # generate's own checks: one line naming what is wrong, before any row is taken
+            validate_inputs(self.model.config, config, torch.tensor([prompt], dtype=torch.long), None, None)
+        needed = len(prompts) * n
+        rows = [row for row, owner in enumerate(self.owners) if owner is None][:needed]
+        if len(rows) < needed:
+            raise ValueError(f"{needed} rows asked for, {len(rows)} free of {self.capacity}")
+        generator = None
+        if seed is not None and config.do_sample:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        admitted = Admitted(rows, config, logits_processors(without_penalty(config)), generator)
+        scores = []
+        for number, prompt in enumerate(prompts):
+            scorer = CachedScorer(self.model, None, len(prompt) + 1)  # a growing cache of one row
+            logits = scorer.prefill(torch.tensor([prompt], device=self.device), None)
+            for row in rows[number * n : (number + 1) * n]:
+                self.cache.fill_row(row, scorer.cache, len(prompt))
+                self.positions[row] = len(prompt)
+                self.seen[row] = False
+                self.seen[row, prompt] = True
+            scores.append(logits.expand(n, -1))
+        self.penalty[rows] = config.repetition_penalty
+        for row in rows:
+            self.owners[row] = admitted
+        try:
+            first = self.choose(torch.cat(scores), rows)
+        except BaseException:
+            self.release(admitted)
+            raise
+        self.tokens[rows] = first
+        return admitted, first.tolist()
+
+    def step(self) -> List[Tuple[Admitted, List[int]]]:
+        """One token for every busy row: (request, its rows' new tokens) for each request admitted."""
+        busy = [row for row, owner in enumerate(self.owners) if owner is not None]
+        if not busy:
+            return []
+        count = min(1 << busy[-1].bit_length(), self.capacity)  # rows [0, count): a power of two past the last
+        logits = self.decode_step(
+            self.model, self.tokens[:count, None].clone(), self.positions[:count, None].clone(), None,
+            self.cache.rows(count),
+        )
+        self.positions[busy] += 1
+        chosen = self.choose(logits, list(range(count)))
+        self.tokens[:count] = chosen
+        tokens = chosen.tolist()
+        requests = list(dict.fromkeys(self.owners[row] for row in busy))
+        return [(request, [tokens[row] for row in request.rows]) for request in requests]
+
+    def row_counts(self) -> List[int]:
+        """The row counts a step may take: the powers of two below the capacity, and the capacity."""
+        return sorted({min(1 << power, self.capacity) for power in range(self.capacity.bit_length() + 1)})
+
+    def warm_up(self) -> None:
+        """Runs the decode step once at every row count while no row is busy: a compiled step compiles (and
+        captures its CUDA graph) here, before the first request, not in the middle of one."""
+        if self.busy():
+            raise RuntimeError("warm_up writes into every row; call it before admitting requests")
+        for count in self.row_counts():
+            positions = torch.zeros(count, 1, dtype=torch.long, device=self.device)
+            self.decode_step(self.model, positions.clone(), positions, None, self.cache.rows(count))
+
+    def release(self, admitted: Admitted) -> None:
+        """Frees a request's rows (their cache is overwritten when they are next admitted)."""
+        for row in admitted.rows:
+            if self.owners[row] is admitted:
+                self.owners[row] = None
+
+    def choose(self, scores: torch.Tensor, rows: List[int]) -> torch.Tensor:
+        """The next token of each of `rows` (scores[i] is row rows[i]'s): repetition penalty, then the most
+        likely token, or for a sampling request a draw from its processed distribution."""
+        index = torch.tensor(rows, device=self.device)
+        owners = [self.owners[row] for row in rows]
+        if any(owner is not None and owner.config.repetition_penalty != 1.0 for owner in owners):
+            penalty = self.penalty[index][:, None]  # transformers' rule, on each token the sequence holds
+            penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+            scores = torch.where(self.seen[index], penalized, scores)
+        chosen = scores.argmax(dim=-1)
+        draws = {}
+        for i, owner in enumerate(owners):
+            if owner is not None and owner.config.do_sample:
+                draws.setdefault(owner.sampling_key, (owner, []))[1].append(i)
+        for owner, members in draws.values():
+            picked = torch.tensor(members, device=self.device)
+            probabilities = F.softmax(owner.warpers(None, scores[picked]), dim=-1)
+            chosen[picked] = torch.multinomial(probabilities, 1, generator=owner.generator).squeeze(1)
+        self.seen[index, chosen] = True
+        return chosen
+
+
+def without_penalty(config: GenerationConfig) -> GenerationConfig:
+    plain = copy.deepcopy(config)
+    plain.repetition_penalty = 1.0
+    return plain
