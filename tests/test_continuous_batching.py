@@ -91,3 +91,25 @@ def test_a_request_that_needs_more_rows_than_are_free_is_refused_and_takes_none(
     with pytest.raises(ValueError, match="2 rows asked for, 1 free of 2"):
         batch.admit([[3], [4]], 1, config)
     assert batch.free_rows() == 1
+
+
+@torch.no_grad()
+def test_rows_sized_below_the_window_hold_sequences_up_to_max_length(model):
+    """A long-window model keeps only max_length slots a row; sequences within it decode as alone."""
+    batch = ContinuousBatch(model, 4, max_length=12)
+    assert batch.cache.layers[0].keys.shape[2] == 12 < model.config.block_size
+    requests = [([1, 2, 3], 1, 9, None, {}), ([9, 9], 2, 10, 3, dict(do_sample=True, top_p=0.9))]
+    handles = {}
+    for number, (prompt, n, max_new_tokens, seed, settings) in enumerate(requests):
+        config = resolve_generation_config(max_new_tokens=max_new_tokens, **settings)
+        handle, first = batch.admit([prompt], n, config, seed)
+        handles[handle] = (number, [[token] for token in first])
+    while batch.busy():
+        for handle, new in batch.step():
+            number, rows = handles[handle]
+            for row, token in zip(rows, new):
+                row.append(token)
+            if len(rows[0]) == requests[number][2]:
+                batch.release(handle)
+    for number, rows in handles.values():
+        assert rows == alone(model, *requests[number])

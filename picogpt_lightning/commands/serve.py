@@ -71,7 +71,8 @@ def serve(
     name = model_name or Path(ckpt).name
     cancellations = multiprocessing.get_context("spawn").Queue()  # API server -> worker: requests whose client left
     spec = CompletionsSpec(name, tokenizer.to_dict(), limits, cancellations)
-    api = CompletionsAPI(ckpt, str(torch_device), compile, spec, cancellations, max_batch_size=max_batch_size)
+    api = CompletionsAPI(ckpt, str(torch_device), compile, spec, cancellations, max_batch_size=max_batch_size,
+                         max_length=limits.max_prompt_tokens + limits.max_tokens_cap)
     server = ls.LitServer(
         api, accelerator="cuda" if torch_device.type == "cuda" else "cpu", devices=1, timeout=queue_timeout,
         max_payload_size=MAX_BODY_BYTES,

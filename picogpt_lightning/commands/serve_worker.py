@@ -144,9 +144,11 @@ class CompletionsAPI(ls.LitAPI):
     """Loads the checkpoint in the worker (`setup`); LitServe's continuous-batching loop then calls
     `add_request` for each arrival and `step` while `has_active_requests`."""
 
-    def __init__(self, ckpt: str, device: str, compile: bool, spec, cancellations=None, max_batch_size: int = 16):
+    def __init__(self, ckpt: str, device: str, compile: bool, spec, cancellations=None, max_batch_size: int = 16,
+                 max_length: Optional[int] = None):
         super().__init__(spec=spec, max_batch_size=max_batch_size, loop=JoiningLoop())
         self.ckpt, self.device_name, self.compile = ckpt, device, compile
+        self.max_length = max_length  # the longest prompt + max_tokens the API server lets through
         self.cancellations, self.gone = cancellations, {}  # requests whose clients left, as the API server says
         self.arrivals = deque()  # (uid, request) from the loop's thread, taken by the decoding thread
         self.waiting: deque = deque()  # jobs waiting for free rows, first come first admitted
@@ -157,7 +159,7 @@ class CompletionsAPI(ls.LitAPI):
         self.model, self.tokenizer = load_model(self.ckpt, torch.device(self.device_name))
         config = resolve_generation_config(cache_implementation="static", disable_compile=not self.compile)
         step = decode_step_for(config, self.model.lm_head.weight.device)  # one graph per power-of-two row count
-        self.batch = ContinuousBatch(self.model, self.max_batch_size, step)
+        self.batch = ContinuousBatch(self.model, self.max_batch_size, step, self.max_length)
         if self.compile:  # every row count's graph now: /health says ok once the server answers at full speed
             with torch.inference_mode():
                 self.batch.warm_up()

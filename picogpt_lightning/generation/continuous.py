@@ -48,13 +48,15 @@ class Admitted:
 class ContinuousBatch:
     """Rows of independent sequences over one model, decoded together one token per `step`."""
 
-    def __init__(self, model, capacity: int, decode_step: Callable = next_token_logits):
+    def __init__(self, model, capacity: int, decode_step: Callable = next_token_logits, max_length: Optional[int] = None):
+        """`max_length`: the longest sequence (prompt + new tokens) a row will hold, which sizes the cache when it is
+        shorter than the model's window; the caller keeps every request within it."""
         if capacity < 1:
             raise ValueError(f"a continuous batch needs at least one row, got capacity {capacity}")
         self.model, self.decode_step = model, decode_step
         weight = model.lm_head.weight
         self.device = weight.device
-        self.cache = RowCache(model.config, capacity, self.device, weight.dtype)
+        self.cache = RowCache(model.config, capacity, self.device, weight.dtype, max_length)
         self.owners: List[Optional[Admitted]] = [None] * capacity
         self.tokens = torch.zeros(capacity, dtype=torch.long, device=self.device)  # each row's next input
         self.positions = torch.zeros(capacity, dtype=torch.long, device=self.device)  # and its position

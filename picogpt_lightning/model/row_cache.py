@@ -6,14 +6,16 @@ position p in slot p % slots, knows which position each of its slots holds, and 
 step feeds every row its next token at its own position (`cache_position` (B, 1)). A row can
 then be emptied and given a new sequence between two steps while the others go on.
 
-Every row has `block_size` slots, a ring as in `StaticCache`: a query sees itself and the
-`block_size - 1` positions before it, so any length decodes in memory bounded by the window.
+Every row has min(max_length, block_size) slots, a ring as in `StaticCache`: a query sees itself
+and the `block_size - 1` positions before it, so any length decodes in memory bounded by the
+window; `max_length`, the longest sequence a row will hold, keeps a model with a long window
+(a Llama's 131,072) from reserving all of it for every row.
 `rows(n)` is a cache over the first n rows, made once per n and sharing the buffers: a step
 over few busy rows costs a small batch, and each n keeps its shapes, so a compiled step is
 one graph per n, whichever rows join or leave.
 """
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -45,18 +47,20 @@ class RowCache(KVCache):
 
     contiguous = False  # attention reads the whole ring, written or not
 
-    def __init__(self, config: PicoGPTConfig, capacity: int, device=None, dtype: torch.dtype = torch.float32, _base=None):
+    def __init__(self, config: PicoGPTConfig, capacity: int, device=None, dtype: torch.dtype = torch.float32,
+                 max_length: Optional[int] = None, _base=None):
         if _base is not None:  # a view over the first `capacity` rows of `_base`
             self.layers = [RowLayer(layer.keys[:capacity], layer.values[:capacity]) for layer in _base.layers]
             self.slot_positions = _base.slot_positions[:capacity]
         else:
-            shape = (capacity, config.n_query_groups, config.block_size, config.head_size)
+            slots = config.block_size if max_length is None else min(max_length, config.block_size)
+            shape = (capacity, config.n_query_groups, slots, config.head_size)
             self.layers = [
                 RowLayer(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                 for _ in range(config.n_layer)
             ]
             # the absolute position each row's slot holds (-1: none)
-            self.slot_positions = torch.full((capacity, config.block_size), -1, dtype=torch.long, device=device)
+            self.slot_positions = torch.full((capacity, slots), -1, dtype=torch.long, device=device)
         torch._dynamo.mark_static_address(self.slot_positions)
         self.config, self.window = config, config.block_size
         self.views: Dict[int, "RowCache"] = {}
@@ -90,6 +94,8 @@ class RowCache(KVCache):
     def fill_row(self, row: int, prompt_cache: KVCache, length: int) -> None:
         """Makes row `row` the sequence whose first `length` tokens `prompt_cache` saw (a growing cache of one
         row, which keeps the last block_size - 1 of them: all a next token may see)."""
+        if length >= self.max_length and self.max_length < self.window:
+            raise ValueError(f"a prompt of {length} tokens leaves no room in rows of {self.max_length} positions")
         kept = prompt_cache.layers[0].keys.shape[2]
         positions = torch.arange(length - kept, length, device=self.slot_positions.device)
         slots = positions % self.max_length
