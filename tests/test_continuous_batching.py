@@ -113,3 +113,22 @@ def test_rows_sized_below_the_window_hold_sequences_up_to_max_length(model):
                 batch.release(handle)
     for number, rows in handles.values():
         assert rows == alone(model, *requests[number])
+
+
+@torch.no_grad()
+def test_requests_admitted_together_share_one_padded_prefill_and_each_gets_its_tokens_alone(model):
+    """Prompts of different lengths prefilled in one left-padded forward (the one past block_size alone)."""
+    batch = ContinuousBatch(model, 8)
+    configs = [resolve_generation_config(max_new_tokens=max_new, **settings) for _, _, max_new, _, settings in REQUESTS]
+    started = batch.admit_many([(([prompt]), n, config, seed)
+                                for (prompt, n, _, seed, _), config in zip(REQUESTS, configs)])
+    tokens = {handle: (number, [[token] for token in first]) for number, (handle, first) in enumerate(started)}
+    while batch.busy():
+        for handle, new in batch.step():
+            number, rows = tokens[handle]
+            for row, token in zip(rows, new):
+                row.append(token)
+            if len(rows[0]) == REQUESTS[number][2]:
+                batch.release(handle)
+    for number, rows in tokens.values():
+        assert rows == alone(model, *REQUESTS[number]), number

@@ -270,14 +270,14 @@ def test_a_fault_while_admitting_fails_that_request_alone_and_one_in_the_shared_
     expected = generated(capsys, checkpoint, "to", 12)
     api = CompletionsAPI(checkpoint, "cpu", False, spec=None)
     api.setup("cpu")
-    admit = api.batch.admit
+    admit_many = api.batch.admit_many
 
-    def admit_failing_for_be(prompts, *args):
-        if prompts == [api.tokenizer.encode("be", add_special_tokens=True)]:
+    def admit_failing_for_be(requests):
+        if [api.tokenizer.encode("be", add_special_tokens=True)] in [prompts for prompts, *_ in requests]:
             raise RuntimeError("a fault in this request's prefill")
-        return admit(prompts, *args)
+        return admit_many(requests)
 
-    monkeypatch.setattr(api.batch, "admit", admit_failing_for_be)
+    monkeypatch.setattr(api.batch, "admit_many", admit_failing_for_be)
     answers = worker_answers(api, {"good": dict(prompt="to", max_tokens=12, temperature=0),
                                    "bad": dict(prompt="be", max_tokens=12, temperature=0.5, seed=1)})
     assert [message["error"]["status"] for message in answers["bad"]] == [500]

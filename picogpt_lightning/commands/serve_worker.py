@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 
 import litserve as ls
 import torch
+from transformers import GenerationConfig
 from litserve.loops.continuous_batching_loop import Output
 from litserve.utils import LitAPIStatus
 
@@ -92,6 +93,7 @@ class Job:
     settings: dict
     seed: Optional[int]
     error: Optional[str] = None
+    config: Optional[GenerationConfig] = None  # generate's settings, once checked
     admitted: Optional[Admitted] = None  # its rows in the batch, once it has them
     reported: bool = False
 
@@ -192,7 +194,9 @@ class CompletionsAPI(ls.LitAPI):
         """Forgets every request (after a failed step, whose requests LitServe has answered 500)."""
         for job in list(self.running.values()):
             self.batch.release(job.admitted)
-        self.arrivals.clear(), self.waiting.clear(), self.running.clear()
+        self.arrivals.clear()
+        self.waiting.clear()
+        self.running.clear()
 
     def encode_response(self, output, **kwargs):
         return output  # already the API server's message; LitServe writes a dict as JSON
@@ -223,20 +227,36 @@ class CompletionsAPI(ls.LitAPI):
             self.finish(job, outputs, None)
 
     def admit_waiting(self, outputs: List[Output]) -> None:
-        """Admits the waiting requests in order while their rows fit (one that does not fit waits for the next)."""
-        while self.waiting and len(self.waiting[0].rows) <= self.batch.free_rows():
+        """Admits the waiting requests in order while their rows fit (one that does not fit waits for the next),
+        their prompts prefilled together."""
+        admitted, free = [], self.batch.free_rows()
+        while self.waiting and len(self.waiting[0].rows) <= free:
             job = self.waiting.popleft()
-            config = resolve_generation_config(max_new_tokens=job.rows[0].max_tokens, **job.settings)
+            job.config = resolve_generation_config(max_new_tokens=job.rows[0].max_tokens, **job.settings)
             try:
-                job.admitted, tokens = self.batch.admit(job.prompts, job.n, config, job.seed)
+                self.batch.check(job.prompts, job.config)
             except UserError as error:  # generation's checks: this request's 400
                 self.finish(job, outputs, job.failure(first_line(error)))
                 continue
-            except Exception:  # noqa: BLE001 - a failure in this request's prefill: it alone fails
-                traceback.print_exc()  # the cause, in the server's log
-                self.finish(job, outputs, job.failure("internal error while generating; see the server's log", 500))
-                continue
-            self.running[job.admitted] = job
+            admitted.append(job)
+            free -= len(job.rows)
+        if admitted:
+            self.admit_together(admitted, outputs)
+
+    def admit_together(self, jobs: List[Job], outputs: List[Output]) -> None:
+        try:
+            started = self.batch.admit_many([(job.prompts, job.n, job.config, job.seed) for job in jobs])
+        except Exception:  # noqa: BLE001 - a fault in a prefill (a bug, not a bad request): find whose, it alone fails
+            if len(jobs) > 1:
+                for job in jobs:
+                    self.admit_together([job], outputs)
+                return
+            traceback.print_exc()  # the cause, in the server's log
+            self.finish(jobs[0], outputs, jobs[0].failure("internal error while generating; see the server's log", 500))
+            return
+        for job, (admitted, tokens) in zip(jobs, started):
+            job.admitted = admitted
+            self.running[admitted] = job
             self.send_tokens(job, tokens, outputs)
 
     def decode_one_token(self, outputs: List[Output]) -> None:

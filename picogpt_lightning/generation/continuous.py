@@ -1,8 +1,9 @@
 """Continuous batching: sequences join a running batch at the next decode step and leave it when done.
 
-`ContinuousBatch` keeps a `RowCache` of `capacity` rows. `admit` gives a request its rows: each
-prompt is prefilled alone (eagerly, a window at a time, as `generate` does), its keys and values
-are copied into the rows it serves, and the first token is chosen. `step` then decodes one token
+`ContinuousBatch` keeps a `RowCache` of `capacity` rows. `admit` gives a request its rows (and
+`admit_many` several requests theirs): the prompts are prefilled eagerly, those within the window
+in one left-padded forward, a longer one alone a window at a time as `generate` does; their keys
+and values are copied into the rows they serve, and the first tokens are chosen. `step` then decodes one token
 for every busy row in one call of the decode step, whatever each row's length; `release` frees a
 request's rows for the next one. Busy rows are kept low, and a step takes the first n rows, n a
 power of two: the compiled step is one graph per n (`compiled.py`), never one per arrival.
@@ -78,36 +79,73 @@ class ContinuousBatch:
               seed: Optional[int] = None) -> Tuple[Admitted, List[int]]:
         """Takes rows for each prompt's n sequences (prompt by prompt), prefills them and chooses their first
         tokens: (the request's handle, those tokens). Raises ValueError if too few rows are free."""
-        for prompt in prompts:  # generate's own checks: one line naming what is wrong, before any row is taken
+        return self.admit_many([(prompts, n, config, seed)])[0]
+
+    def check(self, prompts: List[List[int]], config: GenerationConfig) -> None:
+        """generate's own checks of a request: a UserError whose one line names what is wrong."""
+        for prompt in prompts:
             validate_inputs(self.model.config, config, torch.tensor([prompt], dtype=torch.long), None, None)
-        needed = len(prompts) * n
-        rows = [row for row, owner in enumerate(self.owners) if owner is None][:needed]
-        if len(rows) < needed:
-            raise ValueError(f"{needed} rows asked for, {len(rows)} free of {self.capacity}")
-        generator = None
-        if seed is not None and config.do_sample:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        admitted = Admitted(rows, config, logits_processors(without_penalty(config)), generator)
-        scores = []
-        for number, prompt in enumerate(prompts):
-            scorer = CachedScorer(self.model, None, len(prompt) + 1)  # a growing cache of one row
-            logits = scorer.prefill(torch.tensor([prompt], device=self.device), None)
-            for row in rows[number * n : (number + 1) * n]:
-                self.cache.fill_row(row, scorer.cache, len(prompt))
-                self.positions[row] = len(prompt)
-                self.seen[row] = False
-                self.seen[row, prompt] = True
-            scores.append(logits.expand(n, -1))
-        self.penalty[rows] = config.repetition_penalty
-        for row in rows:
-            self.owners[row] = admitted
+
+    def admit_many(self, requests: List[tuple]) -> List[Tuple[Admitted, List[int]]]:
+        """`admit` for several (prompts, n, config, seed) at once, their prompts prefilled together: all or none."""
+        for prompts, _, config, _ in requests:
+            self.check(prompts, config)
+        needed = sum(len(prompts) * n for prompts, n, _, _ in requests)
+        free = [row for row, owner in enumerate(self.owners) if owner is None]
+        if len(free) < needed:
+            raise ValueError(f"{needed} rows asked for, {len(free)} free of {self.capacity}")
+        logits, kept = self.prefill([prompt for prompts, _, _, _ in requests for prompt in prompts])
+        admitted_all, prompt_number = [], 0
+        for prompts, n, config, seed in requests:
+            rows, free = free[: len(prompts) * n], free[len(prompts) * n :]
+            generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None and config.do_sample else None
+            admitted = Admitted(rows, config, logits_processors(without_penalty(config)), generator)
+            for number, prompt in enumerate(prompts):
+                for row in rows[number * n : (number + 1) * n]:
+                    self.cache.fill_row(row, kept[prompt_number + number], len(prompt))
+                    self.positions[row] = len(prompt)
+                    self.seen[row] = False
+                    self.seen[row, prompt] = True
+                    self.owners[row] = admitted
+            self.penalty[rows] = config.repetition_penalty
+            admitted_all.append((admitted, logits[prompt_number : prompt_number + len(prompts)].repeat_interleave(n, 0)))
+            prompt_number += len(prompts)
         try:
-            first = self.choose(torch.cat(scores), rows)
+            firsts = [self.choose(scores, admitted.rows) for admitted, scores in admitted_all]
         except BaseException:
-            self.release(admitted)
+            for admitted, _ in admitted_all:
+                self.release(admitted)
             raise
-        self.tokens[rows] = first
-        return admitted, first.tolist()
+        for (admitted, _), first in zip(admitted_all, firsts):
+            self.tokens[admitted.rows] = first
+        return [(admitted, first.tolist()) for (admitted, _), first in zip(admitted_all, firsts)]
+
+    def prefill(self, prompts: List[List[int]]) -> Tuple[torch.Tensor, List[list]]:
+        """Each prompt's next-token logits (prompts, vocab) and what a cache keeps of it: per layer, (keys, values)
+        of its last block_size - 1 tokens at most, (groups, kept, head_size) each. Prompts within the window go
+        through one left-padded forward; a longer one goes alone, a window at a time."""
+        window = self.model.config.block_size
+        logits, kept = [None] * len(prompts), [None] * len(prompts)
+        together = [number for number, prompt in enumerate(prompts) if len(prompt) <= window]
+        for number in sorted(set(range(len(prompts))) - set(together)):
+            scorer = CachedScorer(self.model, None, len(prompts[number]) + 1)  # a growing cache of one row
+            logits[number] = scorer.prefill(torch.tensor([prompts[number]], device=self.device), None)[0]
+            kept[number] = [(keys[0], values[0]) for keys, values in scorer.cache]
+        if together:
+            length = max(len(prompts[number]) for number in together)
+            input_ids = torch.zeros(len(together), length, dtype=torch.long, device=self.device)
+            attention_mask = torch.zeros_like(input_ids)
+            for row, number in enumerate(together):
+                input_ids[row, length - len(prompts[number]) :] = torch.tensor(prompts[number])
+                attention_mask[row, length - len(prompts[number]) :] = 1
+            padded = not bool(attention_mask.all())
+            output = self.model(input_ids, attention_mask=attention_mask if padded else None, use_cache=True,
+                                logits_to_keep=1)
+            for row, number in enumerate(together):
+                logits[number] = output.logits[row, -1].float()
+                count = min(len(prompts[number]), output.past_key_values[0][0].shape[2])  # its own tokens, no pads
+                kept[number] = [(keys[row, :, -count:], values[row, :, -count:]) for keys, values in output.past_key_values]
+        return torch.stack(logits), kept
 
     def step(self) -> List[Tuple[Admitted, List[int]]]:
         """One token for every busy row: (request, its rows' new tokens) for each request admitted."""

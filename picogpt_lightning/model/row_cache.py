@@ -15,7 +15,7 @@ over few busy rows costs a small batch, and each n keeps its shapes, so a compil
 one graph per n, whichever rows join or leave.
 """
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -91,19 +91,19 @@ class RowCache(KVCache):
         self.slot_positions.scatter_(1, cache_position % self.max_length, cache_position)
         return cache_position, self.slot_positions.clone()
 
-    def fill_row(self, row: int, prompt_cache: KVCache, length: int) -> None:
-        """Makes row `row` the sequence whose first `length` tokens `prompt_cache` saw (a growing cache of one
-        row, which keeps the last block_size - 1 of them: all a next token may see)."""
+    def fill_row(self, row: int, layers: List[KeysValues], length: int) -> None:
+        """Makes row `row` the sequence of `length` tokens whose last keys and values, per layer (groups, kept,
+        head_size), are `layers`: all a next token may see, its last block_size - 1 at most."""
         if length >= self.max_length and self.max_length < self.window:
             raise ValueError(f"a prompt of {length} tokens leaves no room in rows of {self.max_length} positions")
-        kept = prompt_cache.layers[0].keys.shape[2]
+        kept = layers[0][0].shape[1]
         positions = torch.arange(length - kept, length, device=self.slot_positions.device)
         slots = positions % self.max_length
         self.slot_positions[row] = -1
         self.slot_positions[row].index_copy_(0, slots, positions)
-        for layer, (keys, values) in zip(self.layers, prompt_cache):
-            layer.keys[row].index_copy_(1, slots, keys[0].to(layer.keys.dtype))
-            layer.values[row].index_copy_(1, slots, values[0].to(layer.values.dtype))
+        for layer, (keys, values) in zip(self.layers, layers):
+            layer.keys[row].index_copy_(1, slots, keys.to(layer.keys.dtype))
+            layer.values[row].index_copy_(1, slots, values.to(layer.values.dtype))
 
     def select_rows(self, rows: torch.Tensor) -> None:
         raise NotImplementedError("a RowCache's rows are independent sequences; beam search uses StaticCache")
