@@ -72,6 +72,27 @@ def engine_rate(ckpt: Path, device: str, batch: int, max_tokens: int) -> float:
     return batch * max_tokens / statistics.median(times)
 
 
+def cpu_seconds(root: int) -> float:
+    """CPU time (user + system) of process `root` and all its descendants, from /proc (0 where there is none)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents, times = {}, {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.parent.name)
+        parents[pid], times[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+    family, grew = {root}, True
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in family and pid not in family:
+                family.add(pid)
+                grew = True
+    return sum(times.get(pid, 0.0) for pid in family)
+
+
 def start_server(ckpt: Path, device: str, max_batch_size: int):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -164,6 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.clients, args.requests = 4, 2
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "bench.pt"
         build_checkpoint(ckpt)
@@ -174,7 +196,11 @@ def main() -> None:
             asyncio.run(run_clients(url, 1, 2, args.max_tokens))
             asyncio.run(run_clients(url, args.clients, 2, args.max_tokens))
             alone = asyncio.run(run_clients(url, 1, args.requests * 2, args.max_tokens))
+            server_cpu, clients_cpu, began = cpu_seconds(process.pid), cpu_seconds(os.getpid()), time.perf_counter()
             loaded = asyncio.run(run_clients(url, args.clients, args.requests, args.max_tokens))
+            wall = time.perf_counter() - began
+            server_cpu = cpu_seconds(process.pid) - server_cpu
+            clients_cpu = cpu_seconds(os.getpid()) - clients_cpu - server_cpu  # the server is this process's child
             short_alone, short_behind = asyncio.run(behind_a_long_one(url))
         finally:
             process.send_signal(signal.SIGTERM)
@@ -188,7 +214,8 @@ def main() -> None:
         f"{machine_description()}. `python -m benchmarks.bench_serve`: a random 4x128 char model (block 64) behind "
         f"`serve --max_batch_size {args.clients} --compile true --device {args.device}` (continuous batching); each "
         f"request streams {args.max_tokens} greedy tokens through the `openai` client. All {len(loaded)} concurrent "
-        f"requests completed with {args.max_tokens} tokens; the server exited {status} after SIGTERM.\n\n"
+        f"requests completed with {args.max_tokens} tokens; the server exited {status} after SIGTERM. Load average "
+        f"(1 min) at start and end: {load_before:.1f}, {os.getloadavg()[0]:.1f}.\n\n"
         + markdown_table(headers, rows)
         + f"\n\n- The engine alone, `generate` on {args.clients} prompts at once (static cache, compiled step, "
         f"{args.max_tokens} new tokens, prefill included), measured in the same run: {engine:.0f} tokens/s. "
@@ -197,7 +224,11 @@ def main() -> None:
         f"- p99 time to first token under load: **{float(rows[1][7]):.3f} s** (target <= 0.3 s).\n"
         f"- An 8-token request: {short_alone:.3f} s alone, {short_behind:.3f} s sent while a 500-token request "
         f"streams: **{short_behind / short_alone:.2f}x** (target <= 2x; median of 5). It joins the running batch at "
-        "the next step instead of waiting for the long one to end."
+        "the next step instead of waiting for the long one to end.\n"
+        f"- Where the CPU went while the {args.clients} clients ran ({wall:.1f} s on {os.cpu_count()} cores: "
+        f"{wall * os.cpu_count():.1f} core-seconds): the server's processes (API server, LitServe's manager, the "
+        f"inference worker) {server_cpu:.1f} s, the clients {clients_cpu:.1f} s. On a CPU the engine shares the "
+        "cores with the HTTP side and the clients; its own measure above pays for neither."
     )
     if args.smoke:
         print(body)

@@ -6,8 +6,8 @@ sending each `Output` to the API server. Three things are changed here:
 
 - a step that has no message for anyone (every row's text held back while it may begin a stop
   string) is a normal step, not a fault to log and sleep 10 ms on;
-- the steps run on one thread of their own, always the same: compiled steps and CUDA graphs
-  are kept per thread, and the loop's own threads keep reading the request queue meanwhile;
+- the steps run on one thread of their own, always the same (compiled steps and CUDA graphs
+  are kept per thread), and while one step decodes, the previous step's messages are sent;
 - with nothing to do it waits a millisecond at a time instead of spinning on the event loop.
 """
 
@@ -35,8 +35,12 @@ class JoiningLoop(ContinuousBatchingLoop):
         while not lit_api.has_active_requests():
             await asyncio.sleep(IDLE_WAIT)
         try:
-            while lit_api.has_active_requests():
-                for output in await loop.run_in_executor(self.decoder, lit_api.step, None):
+            step = loop.run_in_executor(self.decoder, lit_api.step, None)
+            while step is not None:
+                outputs = await step
+                # the next step decodes while this one's messages go out
+                step = loop.run_in_executor(self.decoder, lit_api.step, None) if lit_api.has_active_requests() else None
+                for output in outputs:
                     self.send(output, lit_api, transport)
         except Exception as error:  # noqa: BLE001 - a bug in a step: every request in flight gets a 500, the server goes on
             logger.exception("the decoding step failed")
