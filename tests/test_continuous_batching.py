@@ -93,25 +93,30 @@ def test_a_request_that_needs_more_rows_than_are_free_is_refused_and_takes_none(
     assert batch.free_rows() == 1
 
 
+def decode_to_the_end(batch: ContinuousBatch, started: dict, requests: list) -> dict:
+    """Steps until every admitted request (handle -> (number, its rows' tokens so far)) has its max_new_tokens."""
+    while batch.busy():
+        for handle, new in batch.step():
+            number, rows = started[handle]
+            for row, token in zip(rows, new):
+                row.append(token)
+            if len(rows[0]) == requests[number][2]:
+                batch.release(handle)
+    return {number: rows for number, rows in started.values()}
+
+
 @torch.no_grad()
 def test_rows_sized_below_the_window_hold_sequences_up_to_max_length(model):
     """A long-window model keeps only max_length slots a row; sequences within it decode as alone."""
     batch = ContinuousBatch(model, 4, max_length=12)
     assert batch.cache.layers[0].keys.shape[2] == 12 < model.config.block_size
     requests = [([1, 2, 3], 1, 9, None, {}), ([9, 9], 2, 10, 3, dict(do_sample=True, top_p=0.9))]
-    handles = {}
+    started = {}
     for number, (prompt, n, max_new_tokens, seed, settings) in enumerate(requests):
         config = resolve_generation_config(max_new_tokens=max_new_tokens, **settings)
         handle, first = batch.admit([prompt], n, config, seed)
-        handles[handle] = (number, [[token] for token in first])
-    while batch.busy():
-        for handle, new in batch.step():
-            number, rows = handles[handle]
-            for row, token in zip(rows, new):
-                row.append(token)
-            if len(rows[0]) == requests[number][2]:
-                batch.release(handle)
-    for number, rows in handles.values():
+        started[handle] = (number, [[token] for token in first])
+    for number, rows in decode_to_the_end(batch, started, requests).items():
         assert rows == alone(model, *requests[number])
 
 
@@ -120,15 +125,7 @@ def test_requests_admitted_together_share_one_padded_prefill_and_each_gets_its_t
     """Prompts of different lengths prefilled in one left-padded forward (the one past block_size alone)."""
     batch = ContinuousBatch(model, 8)
     configs = [resolve_generation_config(max_new_tokens=max_new, **settings) for _, _, max_new, _, settings in REQUESTS]
-    started = batch.admit_many([(([prompt]), n, config, seed)
-                                for (prompt, n, _, seed, _), config in zip(REQUESTS, configs)])
-    tokens = {handle: (number, [[token] for token in first]) for number, (handle, first) in enumerate(started)}
-    while batch.busy():
-        for handle, new in batch.step():
-            number, rows = tokens[handle]
-            for row, token in zip(rows, new):
-                row.append(token)
-            if len(rows[0]) == REQUESTS[number][2]:
-                batch.release(handle)
-    for number, rows in tokens.values():
+    admitted = batch.admit_many([([prompt], n, config, seed) for (prompt, n, _, seed, _), config in zip(REQUESTS, configs)])
+    started = {handle: (number, [[token] for token in first]) for number, (handle, first) in enumerate(admitted)}
+    for number, rows in decode_to_the_end(batch, started, REQUESTS).items():
         assert rows == alone(model, *REQUESTS[number]), number
