@@ -1,12 +1,11 @@
 """The HTTP side of `serve`: OpenAI's legacy `/v1/completions` as a LitServe spec, and
-`/v1/chat/completions` on the same path (serve_chat.py renders the conversation into a prompt).
+`/v1/chat/completions` beside it (serve_requests.py renders the conversation into a prompt).
 
 LitServe's own `OpenAISpec` speaks only `/v1/chat/completions`; this spec is built the
 same way (a `LitSpec` that registers its endpoint, puts each request on LitServe's queue
 and reads the inference worker's messages back), for the completions API. Requests are
-validated here, in the API server, before they reach the worker: LitServe's batched
-loop fails a whole batch when one of its requests raises, so nothing malformed may get
-that far. Errors take OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
+validated here, in the API server, before they reach the worker, which decodes every
+request in flight in one batch: nothing malformed may get that far. Errors take OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 """
 
 import asyncio

@@ -14,7 +14,7 @@ from picogpt_lightning.errors import UserError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a prompt far longer than any block_size here, far short of a memory problem
 MAX_TOKENS_LIMIT = 1 << 16  # the schema's ceiling; --max_tokens_cap (4096) is the server's own
-MAX_CHOICES = 64  # prompts x n: the rows one request may add to a batch
+MAX_CHOICES = 64  # prompts x n: the rows one request may add to a batch (the worker also caps it at its rows)
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's 4 stop strings; each matched against the text's tail at every token
 MIN_TEMPERATURE = 1e-4  # below it logits / temperature leave float32's range; 0 asks for greedy decoding
 MIN_TOP_P = 1e-6
