@@ -8,6 +8,7 @@ from torch._dynamo.testing import CompileCounter
 
 from factories import randomize
 from picogpt_lightning import PicoGPT, PicoGPTConfig
+from picogpt_lightning.errors import UserError
 from picogpt_lightning.generation import resolve_generation_config
 from picogpt_lightning.generation.compiled import CompiledDecodeSteps
 from picogpt_lightning.generation.continuous import ContinuousBatch
@@ -110,6 +111,9 @@ def test_rows_sized_below_the_window_hold_sequences_up_to_max_length(model):
     """A long-window model keeps only max_length slots a row; sequences within it decode as alone."""
     batch = ContinuousBatch(model, 4, max_length=12)
     assert batch.cache.layers[0].keys.shape[2] == 12 < model.config.block_size
+    with pytest.raises(UserError, match="need 13 positions; this batch's rows hold 12"):
+        batch.admit([[1, 2, 3]], 1, resolve_generation_config(max_new_tokens=10))
+    assert batch.free_rows() == 4
     requests = [([1, 2, 3], 1, 9, None, {}), ([9, 9], 2, 10, 3, dict(do_sample=True, top_p=0.9))]
     started = {}
     for number, (prompt, n, max_new_tokens, seed, settings) in enumerate(requests):

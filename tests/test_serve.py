@@ -265,6 +265,7 @@ def test_a_fault_while_admitting_fails_that_request_alone_and_one_in_the_shared_
 ):
     """A fault (a bug, not a bad request) in one request's prefill is its 500 alone, the one beside it decodes as it
     would alone; a fault in the step shared by all fails those running with a 500, and the next request decodes."""
+    from picogpt_lightning.commands.serve_requests import CompletionRequest
     from picogpt_lightning.commands.serve_worker import CompletionsAPI
 
     expected = generated(capsys, checkpoint, "to", 12)
@@ -290,4 +291,9 @@ def test_a_fault_while_admitting_fails_that_request_alone_and_one_in_the_shared_
     assert all(messages[-1]["error"]["status"] == 500 for messages in answers.values())
     monkeypatch.setattr(api.batch, "decode_step", step)
     assert not api.batch.busy()  # the failed requests' rows are free again
+    api.add_request("d", CompletionRequest(prompt="to", max_tokens=5, temperature=0).model_dump())
+    api.step()
+    assert api.batch.busy()
+    api.reset()  # what the loop does after a fault it cannot place: every row is free, nothing is remembered
+    assert not api.batch.busy() and not api.has_active_requests()
     assert text_of(worker_answers(api, {"c": dict(prompt="to", max_tokens=12, temperature=0)})["c"]) == expected

@@ -12,6 +12,7 @@ keeps `generate`'s rules for its own tokens (a seed decides its samples whatever
 import queue
 import traceback
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -162,9 +163,15 @@ class CompletionsAPI(ls.LitAPI):
         config = resolve_generation_config(cache_implementation="static", disable_compile=not self.compile)
         step = decode_step_for(config, self.model.lm_head.weight.device)  # one graph per power-of-two row count
         self.batch = ContinuousBatch(self.model, self.max_batch_size, step, self.max_length)
-        if self.compile:  # every row count's graph now: /health says ok once the server answers at full speed
-            with torch.inference_mode():
-                self.batch.warm_up()
+        # every step runs on this one thread (compiled steps and CUDA graphs are kept per thread)
+        self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        if self.compile:  # every row count's graph now, on that thread: /health says ok once steps run at full speed
+            rounds = 3 if getattr(step, "cuda_graphs", False) else 1
+            self.decoder.submit(self.warm_up, rounds).result()
+
+    def warm_up(self, rounds: int) -> None:
+        with torch.inference_mode():
+            self.batch.warm_up(rounds)
 
     # ---- what LitServe's continuous-batching loop calls ------------------------------------------------
 
@@ -192,8 +199,7 @@ class CompletionsAPI(ls.LitAPI):
 
     def reset(self) -> None:
         """Forgets every request (after a failed step, whose requests LitServe has answered 500)."""
-        for job in list(self.running.values()):
-            self.batch.release(job.admitted)
+        self.batch.reset()
         self.arrivals.clear()
         self.waiting.clear()
         self.running.clear()
@@ -254,9 +260,10 @@ class CompletionsAPI(ls.LitAPI):
             traceback.print_exc()  # the cause, in the server's log
             self.finish(jobs[0], outputs, jobs[0].failure("internal error while generating; see the server's log", 500))
             return
-        for job, (admitted, tokens) in zip(jobs, started):
+        for job, (admitted, _) in zip(jobs, started):
             job.admitted = admitted
             self.running[admitted] = job
+        for job, (_, tokens) in zip(jobs, started):
             self.send_tokens(job, tokens, outputs)
 
     def decode_one_token(self, outputs: List[Output]) -> None:
@@ -287,6 +294,7 @@ class CompletionsAPI(ls.LitAPI):
 
     def finish(self, job: Job, outputs: List[Output], last_message: Optional[dict]) -> None:
         """The request's last message (None: nobody is reading), its rows freed, and LitServe told it ended."""
+        self.gone.pop(job.uid, None)  # a departure is remembered until its request ends
         if job.admitted is not None:
             self.batch.release(job.admitted)
             self.running.pop(job.admitted, None)
@@ -301,6 +309,6 @@ class CompletionsAPI(ls.LitAPI):
                 self.gone[self.cancellations.get_nowait()] = None
             except queue.Empty:
                 break
-        while len(self.gone) > MAX_REMEMBERED_DEPARTURES:  # the oldest have long been decoded or dropped
+        while len(self.gone) > MAX_REMEMBERED_DEPARTURES:  # ended requests' are dropped at once: these never came
             del self.gone[next(iter(self.gone))]
         return self.gone.keys()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig
 from transformers.generation.logits_process import LogitsProcessorList
 
+from picogpt_lightning.errors import UserError
 from picogpt_lightning.generation.decode import CachedScorer, next_token_logits
 from picogpt_lightning.generation.processors import logits_processors
 from picogpt_lightning.generation.settings import validate_inputs
@@ -82,9 +83,13 @@ class ContinuousBatch:
         return self.admit_many([(prompts, n, config, seed)])[0]
 
     def check(self, prompts: List[List[int]], config: GenerationConfig) -> None:
-        """generate's own checks of a request: a UserError whose one line names what is wrong."""
+        """generate's own checks of a request, and that it fits a row: a UserError whose one line names what is wrong."""
+        rows_hold = self.cache.max_length  # positions a row holds; past them it slides only if that is the window
         for prompt in prompts:
             validate_inputs(self.model.config, config, torch.tensor([prompt], dtype=torch.long), None, None)
+            if rows_hold < self.model.config.block_size and len(prompt) + config.max_new_tokens > rows_hold:
+                raise UserError(f"a prompt of {len(prompt)} tokens and max_new_tokens {config.max_new_tokens} need "
+                                f"{len(prompt) + config.max_new_tokens} positions; this batch's rows hold {rows_hold}")
 
     def admit_many(self, requests: List[tuple]) -> List[Tuple[Admitted, List[int]]]:
         """`admit` for several (prompts, n, config, seed) at once, their prompts prefilled together: all or none."""
@@ -96,21 +101,24 @@ class ContinuousBatch:
             raise ValueError(f"{needed} rows asked for, {len(free)} free of {self.capacity}")
         logits, kept = self.prefill([prompt for prompts, _, _, _ in requests for prompt in prompts])
         admitted_all, prompt_number = [], 0
-        for prompts, n, config, seed in requests:
-            rows, free = free[: len(prompts) * n], free[len(prompts) * n :]
-            generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None and config.do_sample else None
-            admitted = Admitted(rows, config, logits_processors(without_penalty(config)), generator)
-            for number, prompt in enumerate(prompts):
-                for row in rows[number * n : (number + 1) * n]:
-                    self.cache.fill_row(row, kept[prompt_number + number], len(prompt))
-                    self.positions[row] = len(prompt)
-                    self.seen[row] = False
-                    self.seen[row, prompt] = True
-                    self.owners[row] = admitted
-            self.penalty[rows] = config.repetition_penalty
-            admitted_all.append((admitted, logits[prompt_number : prompt_number + len(prompts)].repeat_interleave(n, 0)))
-            prompt_number += len(prompts)
-        try:
+        try:  # all or none: a failure part way frees every row taken so far
+            for prompts, n, config, seed in requests:
+                rows, free = free[: len(prompts) * n], free[len(prompts) * n :]
+                generator = None
+                if seed is not None and config.do_sample:
+                    generator = torch.Generator(device=self.device).manual_seed(seed)
+                admitted = Admitted(rows, config, logits_processors(without_penalty(config)), generator)
+                scores = logits[prompt_number : prompt_number + len(prompts)].repeat_interleave(n, 0)
+                admitted_all.append((admitted, scores))
+                for number, prompt in enumerate(prompts):
+                    for row in rows[number * n : (number + 1) * n]:
+                        self.owners[row] = admitted
+                        self.cache.fill_row(row, kept[prompt_number + number], len(prompt))
+                        self.positions[row] = len(prompt)
+                        self.seen[row] = False
+                        self.seen[row, prompt] = True
+                self.penalty[rows] = config.repetition_penalty
+                prompt_number += len(prompts)
             firsts = [self.choose(scores, admitted.rows) for admitted, scores in admitted_all]
         except BaseException:
             for admitted, _ in admitted_all:
@@ -168,14 +176,21 @@ class ContinuousBatch:
         """The row counts a step may take: the powers of two below the capacity, and the capacity."""
         return sorted({min(1 << power, self.capacity) for power in range(self.capacity.bit_length() + 1)})
 
-    def warm_up(self) -> None:
-        """Runs the decode step once at every row count while no row is busy: a compiled step compiles (and
-        captures its CUDA graph) here, before the first request, not in the middle of one."""
+    def warm_up(self, rounds: int = 1) -> None:
+        """Runs the decode step `rounds` times at every row count while no row is busy: a compiled step compiles
+        here, before the first request, not in the middle of one. Call it on the thread that will run `step`
+        (CUDA graphs are kept per thread), with rounds=3 under CUDA graphs: torch records a graph on the call
+        after its warm-up run."""
         if self.busy():
             raise RuntimeError("warm_up writes into every row; call it before admitting requests")
         for count in self.row_counts():
             positions = torch.zeros(count, 1, dtype=torch.long, device=self.device)
-            self.decode_step(self.model, positions.clone(), positions, None, self.cache.rows(count))
+            for _ in range(rounds):
+                self.decode_step(self.model, positions.clone(), positions, None, self.cache.rows(count))
+
+    def reset(self) -> None:
+        """Frees every row (after a failure that left the caller unsure which requests still hold one)."""
+        self.owners = [None] * self.capacity
 
     def release(self, admitted: Admitted) -> None:
         """Frees a request's rows (their cache is overwritten when they are next admitted)."""

@@ -7,9 +7,10 @@ step feeds every row its next token at its own position (`cache_position` (B, 1)
 then be emptied and given a new sequence between two steps while the others go on.
 
 Every row has min(max_length, block_size) slots, a ring as in `StaticCache`: a query sees itself
-and the `block_size - 1` positions before it, so any length decodes in memory bounded by the
-window; `max_length`, the longest sequence a row will hold, keeps a model with a long window
-(a Llama's 131,072) from reserving all of it for every row.
+and the `block_size - 1` positions before it. With block_size slots any length decodes, in
+memory bounded by the window; `max_length`, the longest sequence a row will then hold, keeps a
+model with a long window (a Llama's 131,072) from reserving all of it for every row, and a row
+of fewer slots than the window must never hold more than max_length positions.
 `rows(n)` is a cache over the first n rows, made once per n and sharing the buffers: a step
 over few busy rows costs a small batch, and each n keeps its shapes, so a compiled step is
 one graph per n, whichever rows join or leave.
