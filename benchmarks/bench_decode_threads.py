@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_nanogpt import CORES, EXPLICIT, LOAD, REPO_ROOT, environment
+from benchmarks.bench_nanogpt import CORES, EXPLICIT, REPO_ROOT, environment, machine_state
 from benchmarks.bench_serve import build_checkpoint
 
 PROMPT = "ROMEO:"
@@ -57,24 +57,15 @@ def main() -> None:
         ckpt = Path(tmp) / "model.pt"
         build_checkpoint(ckpt)
         for round_number in range(args.rounds):
-            for condition in ("quiet", "busy"):
-                load = None
-                if condition == "busy":
-                    load = subprocess.Popen([sys.executable, "-c", LOAD], env=environment({"OMP_WAIT_POLICY": "PASSIVE"}))
-                    time.sleep(2)
-                try:
+            for name in ("quiet", "busy"):
+                with machine_state(name):
                     labels = list(settings)
                     shift = round_number % len(labels)  # each round starts with another setting: no order bias
                     for label in labels[shift:] + labels[:shift]:
-                        changes = settings[label]
-                        loads[condition].append(os.getloadavg()[0])
-                        rate = decode_rate(ckpt, args.tokens, changes)
-                        rates.setdefault((condition, label), []).append(rate)
-                        print(f"round {round_number} {condition:5} {label:40} {rate:7.0f} tokens/s", flush=True)
-                finally:
-                    if load is not None:
-                        load.kill()
-                        load.wait()
+                        loads[name].append(os.getloadavg()[0])
+                        rate = decode_rate(ckpt, args.tokens, settings[label])
+                        rates.setdefault((name, label), []).append(rate)
+                        print(f"round {round_number} {name:5} {label:40} {rate:7.0f} tokens/s", flush=True)
     from benchmarks.report import machine_description, markdown_table, write_section
 
     rows, summary = [], []

@@ -17,6 +17,7 @@ starting the process to the first step's end, read from the line each prints the
 """
 
 import argparse
+import contextlib
 import os
 import pickle
 import re
@@ -88,6 +89,21 @@ def environment(changes: dict) -> dict:
     return {**env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT), **changes}
 
 
+@contextlib.contextmanager
+def machine_state(name: str):
+    """Nothing for "quiet"; for "busy", a torch matmul loop on every core for the block's duration."""
+    if name != "busy":
+        yield
+        return
+    load = subprocess.Popen([sys.executable, "-c", LOAD], env=environment({"OMP_WAIT_POLICY": "PASSIVE"}))
+    time.sleep(2)  # its threads are running before the first measured process starts
+    try:
+        yield
+    finally:
+        load.kill()
+        load.wait()
+
+
 def run(program: str, changes: dict, steps: int, nano_dir: Path, scratch: str) -> tuple:
     """(median ms per step, seconds to the first step's end) of one whole process."""
     if program == "nanoGPT":
@@ -125,22 +141,14 @@ def measure(args, nano_dir: Path, scratch: str) -> dict:
     results = {}  # (condition, program, label) -> [(ms, first step s)]
     loads = {"quiet": [], "busy": []}
     for round_number in range(args.rounds):
-        for condition in ("quiet", "busy"):
-            load = None
-            if condition == "busy":
-                load = subprocess.Popen([sys.executable, "-c", LOAD], env=environment({"OMP_WAIT_POLICY": "PASSIVE"}))
-                time.sleep(2)
-            try:
+        for name in ("quiet", "busy"):
+            with machine_state(name):
                 for program, label, env in settings:
-                    loads[condition].append(os.getloadavg()[0])
+                    loads[name].append(os.getloadavg()[0])
                     result = run(program, env, args.steps, nano_dir, scratch)
-                    results.setdefault((condition, program, label), []).append(result)
-                    print(f"round {round_number} {condition:5} {program:7} {label:40} "
+                    results.setdefault((name, program, label), []).append(result)
+                    print(f"round {round_number} {name:5} {program:7} {label:40} "
                           f"{result[0]:7.1f} ms/step {result[1]:5.2f} s to first step  load {load_average()}", flush=True)
-            finally:
-                if load is not None:
-                    load.kill()
-                    load.wait()
     return results, loads
 
 
@@ -153,7 +161,7 @@ def main() -> None:
     if not args.nanogpt or not all((Path(args.nanogpt) / name).is_file() for name in NANOGPT_FILES):
         print("skipped: no nanoGPT checkout given (--nanogpt /path/to/nanoGPT with train.py, model.py, configurator.py)")
         return
-    from benchmarks.report import machine_description, markdown_table, write_section
+    from benchmarks.report import machine_description, write_section
     from picogpt_lightning.data.source import find_corpus
 
     with TemporaryDirectory() as nano, TemporaryDirectory() as scratch:

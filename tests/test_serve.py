@@ -297,3 +297,17 @@ def test_a_fault_while_admitting_fails_that_request_alone_and_one_in_the_shared_
     api.reset()  # what the loop does after a fault it cannot place: every row is free, nothing is remembered
     assert not api.batch.busy() and not api.has_active_requests()
     assert text_of(worker_answers(api, {"c": dict(prompt="to", max_tokens=12, temperature=0)})["c"]) == expected
+
+
+def test_a_request_generation_refuses_in_an_admission_gets_its_400_and_the_others_decode(checkpoint, capsys):
+    """Rows of 8 positions: a prompt of 2 + 20 tokens cannot fit (generation's check, in the worker), the 2 + 5 beside
+    it can; admitted at the same step, the first gets its 400 alone and the second generate's text."""
+    from picogpt_lightning.commands.serve_worker import CompletionsAPI
+
+    api = CompletionsAPI(checkpoint, "cpu", False, spec=None, max_length=8)
+    api.setup("cpu")
+    answers = worker_answers(api, {"long": dict(prompt="to", max_tokens=20, temperature=0),
+                                   "short": dict(prompt="to", max_tokens=5, temperature=0)})
+    assert [message["error"]["status"] for message in answers["long"]] == [400]
+    assert "this batch's rows hold 8" in answers["long"][0]["error"]["message"]
+    assert text_of(answers["short"]) == generated(capsys, checkpoint, "to", 5)

@@ -94,7 +94,7 @@ class Job:
     settings: dict
     seed: Optional[int]
     error: Optional[str] = None
-    config: Optional[GenerationConfig] = None  # generate's settings, once checked
+    config: Optional[GenerationConfig] = None  # generate's settings, made when it is admitted
     admitted: Optional[Admitted] = None  # its rows in the batch, once it has them
     reported: bool = False
 
@@ -239,26 +239,26 @@ class CompletionsAPI(ls.LitAPI):
         while self.waiting and len(self.waiting[0].rows) <= free:
             job = self.waiting.popleft()
             job.config = resolve_generation_config(max_new_tokens=job.rows[0].max_tokens, **job.settings)
-            try:
-                self.batch.check(job.prompts, job.config)
-            except UserError as error:  # generation's checks: this request's 400
-                self.finish(job, outputs, job.failure(first_line(error)))
-                continue
             admitted.append(job)
             free -= len(job.rows)
         if admitted:
             self.admit_together(admitted, outputs)
 
     def admit_together(self, jobs: List[Job], outputs: List[Output]) -> None:
+        """One admission for all; if it fails (generation's checks refuse a request, or a prefill faults), each is
+        admitted alone, so that only the request at fault fails: 400 for a refusal, 500 for a fault."""
         try:
             started = self.batch.admit_many([(job.prompts, job.n, job.config, job.seed) for job in jobs])
-        except Exception:  # noqa: BLE001 - a fault in a prefill (a bug, not a bad request): find whose, it alone fails
+        except Exception as error:  # noqa: BLE001 - answered below, to the one request it belongs to
             if len(jobs) > 1:
                 for job in jobs:
                     self.admit_together([job], outputs)
-                return
-            traceback.print_exc()  # the cause, in the server's log
-            self.finish(jobs[0], outputs, jobs[0].failure("internal error while generating; see the server's log", 500))
+            elif isinstance(error, UserError):
+                self.finish(jobs[0], outputs, jobs[0].failure(first_line(error)))
+            else:
+                traceback.print_exc()  # the cause, in the server's log
+                failure = jobs[0].failure("internal error while generating; see the server's log", 500)
+                self.finish(jobs[0], outputs, failure)
             return
         for job, (admitted, _) in zip(jobs, started):
             job.admitted = admitted

@@ -160,7 +160,7 @@ class ContinuousBatch:
         busy = [row for row, owner in enumerate(self.owners) if owner is not None]
         if not busy:
             return []
-        count = min(1 << busy[-1].bit_length(), self.capacity)  # rows [0, count): a power of two past the last
+        count = self.row_count(busy[-1])
         logits = self.decode_step(
             self.model, self.tokens[:count, None].clone(), self.positions[:count, None].clone(), None,
             self.cache.rows(count),
@@ -172,9 +172,13 @@ class ContinuousBatch:
         requests = list(dict.fromkeys(self.owners[row] for row in busy))
         return [(request, [tokens[row] for row in request.rows]) for request in requests]
 
+    def row_count(self, last_busy_row: int) -> int:
+        """The rows [0, count) a step takes: a power of two past the last busy row, at most the capacity."""
+        return min(1 << last_busy_row.bit_length(), self.capacity)
+
     def row_counts(self) -> List[int]:
-        """The row counts a step may take: the powers of two below the capacity, and the capacity."""
-        return sorted({min(1 << power, self.capacity) for power in range(self.capacity.bit_length() + 1)})
+        """Every row count a step may take."""
+        return sorted({self.row_count(row) for row in range(self.capacity)})
 
     def warm_up(self, rounds: int = 1) -> None:
         """Runs the decode step `rounds` times at every row count while no row is busy: a compiled step compiles

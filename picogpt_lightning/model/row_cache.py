@@ -20,18 +20,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-from picogpt_lightning.model.cache import KVCache, KeysValues
+from picogpt_lightning.model.cache import KeysValues, KVCache, StaticLayer
 from picogpt_lightning.model.config import PicoGPTConfig
 
 
-class RowLayer:
-    """One layer's keys and values, (rows, n_query_groups, slots, head_size) each."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        # the compiled step writes into these in place (see StaticLayer.set_buffers)
-        torch._dynamo.mark_static_address(keys)
-        torch._dynamo.mark_static_address(values)
-        self.keys, self.values = keys, values
+class RowLayer(StaticLayer):
+    """One layer's keys and values, (rows, n_query_groups, slots, head_size) each, marked static as StaticLayer's."""
 
     def update(self, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor) -> KeysValues:
         """Writes each row's one new key and value, (B, groups, 1, head_size), into the slot of its own position
@@ -95,8 +89,6 @@ class RowCache(KVCache):
     def fill_row(self, row: int, layers: List[KeysValues], length: int) -> None:
         """Makes row `row` the sequence of `length` tokens whose last keys and values, per layer (groups, kept,
         head_size), are `layers`: all a next token may see, its last block_size - 1 at most."""
-        if length >= self.max_length and self.max_length < self.window:
-            raise ValueError(f"a prompt of {length} tokens leaves no room in rows of {self.max_length} positions")
         kept = layers[0][0].shape[1]
         positions = torch.arange(length - kept, length, device=self.slot_positions.device)
         slots = positions % self.max_length
